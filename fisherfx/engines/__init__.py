@@ -1,0 +1,1 @@
+"""Engines: per-sample gradient vectors (generic) and layer taps (taps)."""

@@ -1,0 +1,72 @@
+"""Output-space vectors whose pull-backs through the model are each estimator's gradient vectors.
+
+Every Fisher estimator of fisherfx is a sum of outer products ``v vᵀ`` of parameter-space vectors
+``v = J_nᵀ u`` (``J_n`` the Jacobian of sample ``n``'s outputs ``[T, C]`` w.r.t. the parameters).
+Only the output-space vectors ``u`` differ between estimators:
+
+=============  =========================================================================
+kind           ``u`` at position ``t`` (zero at inactive positions)
+=============  =========================================================================
+empirical      ``∂ℓ(f_t, y_t)/∂f_t`` with the dataset's labels (one vector, ``R = 1``)
+mc             ``∂ℓ(f_t, ỹ_t^s)/∂f_t`` with ``ỹ^s ~ p(·|f)``, one per draw (``R = S``)
+exact          the columns ``S_{t,:,k}`` of ``S Sᵀ = ∂²ℓ/∂f_t²`` (``R = K``)
+=============  =========================================================================
+
+``per="sample"`` sums a vector over the positions of a sample; ``per="token"`` keeps each
+position on its own. For ``exact`` the two coincide (the cross terms between positions vanish in
+expectation), so it is always position by position.
+"""
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..likelihoods import Likelihood
+
+Kind = Literal["empirical", "mc", "exact"]
+
+
+def position_vectors(
+    likelihood: Likelihood,
+    outputs: Tensor,
+    targets: Tensor,
+    active: Tensor,
+    kind: Kind,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Per-position output vectors ``[R, ..., T, C]`` (see the module docstring).
+
+    Args:
+        likelihood: the likelihood of the outputs.
+        outputs: ``[..., T, C]`` canonical outputs (any leading axes, e.g. ``N`` or none).
+        targets: canonical targets matching ``outputs``.
+        active: ``[..., T]`` bool.
+        kind: ``"empirical"``, ``"mc"`` or ``"exact"``.
+        noise: ``[S, ...]`` random numbers from ``likelihood.noise`` (``kind="mc"`` only).
+
+    Returns:
+        ``[R, ..., T, C]``, zero at inactive positions. For ``mc`` the ``S`` draws are *not* yet
+        divided by ``S``.
+    """
+    outputs = outputs.detach()
+    mask = active[..., None].to(outputs.dtype)
+    if kind == "empirical":
+        return (likelihood.nll_grad(outputs, targets) * mask)[None]
+    if kind == "mc":
+        return likelihood.nll_grad(outputs, likelihood.sample(outputs, noise)) * mask
+    sqrt = likelihood.hessian_sqrt(outputs) * mask[..., None]  # [..., T, C, K]
+    return torch.movedim(sqrt, -1, 0)
+
+
+def sample_vectors(vectors: Tensor, kind: Kind, per: str) -> Tensor:
+    """One sample's vectors ``[R, T, C]`` → the ``[J, T, C]`` whose pull-backs are squared.
+
+    ``per="sample"`` (and not exact): ``J = R``, each vector spans all positions.
+    Otherwise ``J = R·T``: vector ``(r, t)`` is ``vectors[r, t]`` at position ``t`` and zero elsewhere.
+    """
+    if per == "sample" and kind != "exact":
+        return vectors
+    r, t, c = vectors.shape
+    eye = torch.eye(t, dtype=vectors.dtype, device=vectors.device)
+    return (eye[None, :, :, None] * vectors[:, None, :, :]).reshape(r * t, t, c)

@@ -1,0 +1,116 @@
+"""The generic engine: per-sample gradient vectors with ``vmap`` over ``vjp``, in chunks.
+
+For each sample ``n`` the model is evaluated alone (``functional_call`` inside ``vmap``), the
+estimator's output vectors ``U_n`` ``[J, T, C]`` are formed from its outputs (see
+:mod:`.cotangents`), and their pull-backs ``J_nᵀ u`` come from one ``vjp`` vmapped over ``J``.
+A *reducer* turns the ``{name: [J, *P]}`` vectors of one sample into what is kept (squares
+summed over ``J`` for a diagonal, grouped projections for mask importance, the vectors themselves
+for per-sample gradients), so no per-sample tensor outlives its chunk unless asked for.
+Works for any module that ``torch.func`` can transform.
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+from torch.utils._pytree import tree_map
+
+from .._errors import FisherError
+from ..problems import Prepared, Problem
+from .cotangents import Kind, position_vectors, sample_vectors
+
+Reducer = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def _take(tree: Any, start: int, stop: int) -> Any:
+    return tree_map(lambda x: x[start:stop] if isinstance(x, Tensor) else x, tree)
+
+
+def _translate(err: RuntimeError) -> FisherError | RuntimeError:
+    """Turn the torch.func failures users trigger into the fix."""
+    msg = str(err)
+    if "randomness" in msg:
+        return FisherError("generic engine: the model draws random numbers (dropout in train mode?); "
+                           "call model.eval() before computing the Fisher")
+    if ".item()" in msg or "data-dependent control flow" in msg or "Data-dependent" in msg:
+        return FisherError("generic engine: the model's forward has data-dependent control flow "
+                           "(a Python branch on tensor values or .item()), which vmap cannot trace; "
+                           f"original error: {msg.splitlines()[0]}")
+    if "batch_norm" in msg.lower() or "running_mean" in msg:
+        return FisherError("generic engine: BatchNorm in train mode mixes samples; call model.eval()")
+    return err
+
+
+def map_samples(
+    problem: Problem,
+    params: Mapping[str, Tensor],
+    prepared: Prepared,
+    reduce: Reducer,
+    *,
+    kind: Kind,
+    per: str,
+    noise: Tensor | None,
+    chunk_size: int | None,
+    stack: bool = False,
+) -> dict[str, Tensor]:
+    """Apply ``reduce`` to each sample's gradient vectors and sum (or stack) over samples.
+
+    Args:
+        problem: the problem.
+        params: ``{name: [*P]}``, the parameters differentiated.
+        prepared: the batch, from ``problem.prepare``.
+        reduce: ``{name: [J, *P]} -> {name: Tensor}`` for one sample.
+        kind: ``"empirical" | "mc" | "exact"``.
+        per: ``"sample" | "token"``.
+        noise: ``[S, N, ...]`` for ``kind="mc"``, else ``None``.
+        chunk_size: samples per ``vmap`` call (``None``: all at once).
+        stack: stack the per-sample results ``[N, ...]`` instead of summing them.
+
+    Returns:
+        ``{name: Tensor}``, summed over samples (or stacked).
+    """
+    model, likelihood = problem.model, problem.likelihood
+    buffers = dict(model.named_buffers())
+    params = dict(params)
+
+    def one(inputs, targets, active, z):
+        inputs = tree_map(lambda x: x[None] if isinstance(x, Tensor) else x, inputs)
+
+        def outputs_of(p):
+            return problem.forward(model, {**buffers, **p}, inputs)[0]  # [T, C]
+
+        out, pull = vjp(outputs_of, params)
+        u = position_vectors(likelihood, out, targets, active, kind, z)  # [R, T, C]
+        u = sample_vectors(u, kind, per).to(out.dtype)  # [J, T, C]
+        (vectors,) = vmap(pull)(u)  # {name: [J, *P]}
+        return reduce(vectors), torch.isfinite(out).all()
+
+    n = prepared.active.shape[0]
+    step = n if chunk_size is None else int(chunk_size)
+    if step < 1:
+        raise FisherError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    in_dims = (0, 0, 0, None if noise is None else 1)
+    total: dict[str, Tensor] = {}
+    parts: list[dict[str, Tensor]] = []
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        chunk = (_take(prepared.inputs, start, stop), prepared.targets[start:stop],
+                 prepared.active[start:stop], None if noise is None else noise[:, start:stop])
+        try:
+            result, finite = vmap(one, in_dims=in_dims)(*chunk)
+        except RuntimeError as err:
+            raise _translate(err) from err
+        if not bool(finite.all()):
+            bad = start + int((~finite).nonzero()[0, 0])
+            raise FisherError(f"generic engine: the model's outputs for sample {bad} are not finite")
+        if stack:
+            parts.append(result)
+        else:
+            for name, value in result.items():
+                value = value.sum(0)
+                total[name] = total[name] + value if name in total else value
+    if stack:
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return total

@@ -1,0 +1,307 @@
+"""Fisher estimators: diagonal, group sums, mask importance, per-sample gradients.
+
+Definitions (see ``docs/definitions.md``): with per-sample negative log-likelihood
+``ℓ_n = −Σ_{t ∈ active(n)} log p(y_{n,t} | x_n, θ)``,
+
+.. math::
+    F = \\frac{1}{Z} \\sum_n \\nabla ℓ_n \\nabla ℓ_n^\\top
+
+with the dataset's labels (``kind="empirical"``), labels drawn from the model and averaged over
+``S`` draws (``kind="mc"``), or the expectation over labels in closed form ``Σ_n J_nᵀ H_n J_n``
+(``kind="exact"``). ``per="token"`` uses each active position's ``∇ℓ_{n,t}`` as its own sample.
+``Z`` is ``N`` (``normalize="samples"``), the number of active positions (``"tokens"``) or 1.
+"""
+
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from ._errors import FisherError
+from .engines import generic
+from .groups import Groups, check_groups, reduce_groups
+from .likelihoods import check_shapes
+from .problems import Prepared, Problem
+from .state import Estimate, cast
+
+Kind = Literal["empirical", "mc", "exact"]
+Per = Literal["sample", "token"]
+Normalize = Literal["samples", "tokens", "none"]
+Engine = Literal["auto", "generic", "taps"]
+
+KINDS = ("empirical", "mc", "exact")
+PERS = ("sample", "token")
+NORMALIZES = ("samples", "tokens", "none")
+ENGINES = ("auto", "generic", "taps")
+DTYPES = (torch.float32, torch.float64)
+
+
+def _choice(where: str, option: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise FisherError(f"{where}: {option} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_options(where: str, kind: str, n_samples: int, per: str, normalize: str, engine: str,
+                  dtype: torch.dtype) -> None:
+    """Validate the shared estimator options at the API boundary."""
+    _choice(where, "kind", kind, KINDS)
+    _choice(where, "per", per, PERS)
+    _choice(where, "normalize", normalize, NORMALIZES)
+    _choice(where, "engine", engine, ENGINES)
+    _choice(where, "dtype", dtype, DTYPES)
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise FisherError(f"{where}: n_samples must be a positive integer, got {n_samples!r}")
+    if engine == "taps":
+        raise FisherError(f"{where}: engine='taps' is not available in this version; use 'auto' or 'generic'")
+
+
+def check_params(where: str, problem: Problem, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Known names, matching shapes, floating dtypes; returns ``dict(params)``."""
+    if not isinstance(params, Mapping) or not params:
+        raise FisherError(f"{where}: params must be a non-empty {{name: tensor}} dict")
+    own = dict(problem.model.named_parameters(remove_duplicate=False))
+    for name, p in params.items():
+        if name not in own:
+            known = list(own)
+            raise FisherError(f"{where}: unknown parameter {name!r}; the model's parameters are "
+                              + ", ".join(repr(k) for k in known[:6])
+                              + (f", … ({len(known)} in all)" if len(known) > 6 else ""))
+        if not isinstance(p, Tensor) or p.shape != own[name].shape:
+            got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+            raise FisherError(f"{where}: parameter {name!r} has shape {got}, the model expects "
+                              f"{tuple(own[name].shape)}")
+        if not p.dtype.is_floating_point:
+            raise FisherError(f"{where}: parameter {name!r} has dtype {p.dtype}; expected floating point")
+    return dict(params)
+
+
+class Batch(NamedTuple):
+    """A prepared batch with its MC noise and normaliser."""
+
+    prepared: Prepared
+    noise: Tensor | None  # [S, N, T(, C)] for kind="mc"
+    count: Tensor  # shape=(), int64
+
+
+def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str,
+                  n_samples: int, generator: torch.Generator | None, normalize: str) -> Batch:
+    """Split the batch, check it, draw the MC noise and count the normaliser."""
+    prepared = problem.prepare(batch)
+    active = prepared.active
+    n_active = int(active.sum())
+    if n_active == 0:
+        raise FisherError(f"{where}: the batch has no active position (all targets ignored or padded); "
+                          "nothing to estimate")
+    # one sample's forward gives the output shape (for the noise) and checks the targets
+    first = generic._take(prepared.inputs, 0, 1)
+    with torch.no_grad():
+        out = problem.forward(problem.model, {**dict(problem.model.named_buffers()), **params}, first)
+    check_shapes(problem.likelihood, out, prepared.targets[:1], where)
+    noise = None
+    if kind == "mc":
+        shape = (active.shape[0], *out.shape[1:])
+        noise = problem.likelihood.noise(torch.Size(shape), n_samples, generator).to(active.device)
+    count = {"samples": active.shape[0], "tokens": n_active, "none": 1}[normalize]
+    return Batch(prepared, noise, torch.tensor(count, dtype=torch.int64))
+
+
+def _finish(where: str, sums: dict[str, Tensor], scale: float, count: Tensor, storage_dtype, device) -> Estimate:
+    value = {}
+    for name, s in sums.items():
+        if not bool(torch.isfinite(s).all()):
+            raise FisherError(f"{where}: non-finite gradients for parameter {name!r} (inf or NaN in the "
+                              "loss or the model)")
+        value[name] = s * (scale / float(count))
+    return _store(Estimate(value, count), storage_dtype, device)
+
+
+def _store(est: Estimate, storage_dtype: torch.dtype | None, device) -> Estimate:
+    return est if storage_dtype is None and device is None else cast(est, storage_dtype, device)
+
+
+def _squares(dtype: torch.dtype):
+    def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: (v.to(dtype) ** 2).sum(0) for k, v in vectors.items()}
+
+    return reduce
+
+
+def diag_fisher(
+    problem: Problem,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    kind: Kind = "empirical",
+    n_samples: int = 1,
+    generator: torch.Generator | None = None,
+    per: Per = "sample",
+    normalize: Normalize = "samples",
+    engine: Engine = "auto",
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+    storage_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Estimate:
+    """Diagonal of the Fisher.
+
+    .. math::
+        \\operatorname{diag} F = \\frac{1}{Z} \\sum_n \\sum_j v_{n,j} \\odot v_{n,j}
+
+    with ``v_{n,j}`` the gradient vectors of the chosen ``kind`` and ``per`` (``∇ℓ_n`` for the
+    empirical per-sample Fisher, ``∇ℓ_n(ỹ^s)/√S`` for MC, ``J_{n,t}ᵀ S_{t,:,k}`` for exact).
+
+    Args:
+        problem: from :func:`supervised` or :func:`causal_lm`.
+        params: ``{name: [*P]}``, the parameters to estimate (any subset of the model's).
+        batch: a batch as ``problem`` reads it.
+        kind: ``"empirical"`` (dataset labels), ``"mc"`` (labels drawn from the model) or
+            ``"exact"`` (closed-form expectation; small models).
+        n_samples: MC draws ``S`` per active position (``kind="mc"``).
+        generator: seeds the MC draws; the same state gives the same result.
+        per: ``"sample"`` (``∇ℓ_n``) or ``"token"`` (``∇ℓ_{n,t}``).
+        normalize: ``Z`` = ``"samples"`` (N rows), ``"tokens"`` (active positions) or ``"none"`` (1).
+        engine: ``"auto"`` or ``"generic"``.
+        dtype: accumulation dtype, float32 or float64, whatever the model's dtype.
+        chunk_size: samples per vectorised call, to bound memory (``None``: the whole batch).
+        storage_dtype: dtype of the returned values (e.g. ``torch.bfloat16``), default ``dtype``.
+        device: device of the returned values (e.g. ``"cpu"`` to offload).
+
+    Returns:
+        :class:`Estimate` with ``value`` ``{name: [*P]}`` normalised by ``count`` = ``Z``.
+
+    Raises:
+        FisherError: bad options, unknown parameters, a batch with no active position, targets
+            that do not fit the outputs, non-finite outputs or gradients.
+    """
+    where = "diag_fisher"
+    check_options(where, kind, n_samples, per, normalize, engine, dtype)
+    params = check_params(where, problem, params)
+    b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
+    sums = generic.map_samples(problem, params, b.prepared, _squares(dtype), kind=kind, per=per,
+                               noise=b.noise, chunk_size=chunk_size)
+    scale = 1.0 / n_samples if kind == "mc" else 1.0
+    return _finish(where, sums, scale, b.count, storage_dtype, device)
+
+
+def group_fisher(
+    problem: Problem,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    groups: Groups,
+    **options: Any,
+) -> Estimate:
+    """Group Fisher: the trace of each group's diagonal block.
+
+    .. math::
+        F_g = \\sum_{i \\in g} F_{ii}
+
+    Args:
+        problem, params, batch: as :func:`diag_fisher`.
+        groups: ``{name: Group | pattern}`` (from :func:`channels`, :func:`heads`, … or custom);
+            only these parameters are estimated.
+        **options: the options of :func:`diag_fisher`.
+
+    Returns:
+        :class:`Estimate` with ``value`` ``{name: [G...]}`` (the group axes of each pattern).
+
+    Raises:
+        FisherError: as :func:`diag_fisher`, and a group pattern that does not fit its parameter.
+    """
+    checked = check_groups(groups, params, "group_fisher")
+    storage_dtype, device = options.pop("storage_dtype", None), options.pop("device", None)
+    est = diag_fisher(problem, {k: params[k] for k in checked}, batch, **options)
+    return _store(Estimate(reduce_groups(est.value, checked), est.count), storage_dtype, device)
+
+
+def mask_importance(
+    problem: Problem,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    groups: Groups,
+    kind: Kind = "empirical",
+    n_samples: int = 1,
+    generator: torch.Generator | None = None,
+    per: Per = "sample",
+    normalize: Normalize = "samples",
+    engine: Engine = "auto",
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+) -> Estimate:
+    """Mask importance of each group (Liu et al. 2021): ``θ_gᵀ F θ_g``.
+
+    .. math::
+        I_g = \\frac{1}{Z} \\sum_n \\sum_j \\Big( \\sum_{i \\in g} θ_i \\, v_{n,j,i} \\Big)^2
+
+    i.e. the Fisher of a multiplicative mask on the group, at mask 1; for the empirical Fisher it is
+    twice the predicted loss increase of zeroing the group (second-order, at a minimum).
+
+    Args:
+        problem, params, batch, groups: as :func:`group_fisher`.
+        kind, n_samples, generator, per, normalize, engine, dtype, chunk_size: as :func:`diag_fisher`.
+
+    Returns:
+        :class:`Estimate` with ``value`` ``{name: [G...]}``.
+
+    Raises:
+        FisherError: as :func:`group_fisher`.
+    """
+    where = "mask_importance"
+    check_options(where, kind, n_samples, per, normalize, engine, dtype)
+    checked = check_groups(groups, params, where)
+    params = check_params(where, problem, {k: params[k] for k in checked})
+    b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
+
+    def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for name, v in vectors.items():
+            projected = vmap(checked[name].reduce)(params[name].to(dtype) * v.to(dtype))  # [J, G...]
+            out[name] = (projected**2).sum(0)
+        return out
+
+    sums = generic.map_samples(problem, params, b.prepared, reduce, kind=kind, per=per, noise=b.noise,
+                               chunk_size=chunk_size)
+    return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, None, None)
+
+
+def per_sample_grads(
+    problem: Problem,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    per: Per = "sample",
+    kind: Literal["empirical", "mc"] = "empirical",
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Per-sample gradients of the unreduced negative log-likelihood.
+
+    .. math::
+        g_n = \\nabla_θ ℓ_n(θ) \\quad (\\text{or } \\nabla_θ ℓ_{n,t} \\text{ with } per="token")
+
+    Args:
+        problem, params, batch: as :func:`diag_fisher`.
+        per: ``"sample"`` → ``{name: [N, *P]}``; ``"token"`` → ``{name: [N, T, *P]}`` (zero at
+            inactive positions).
+        kind: ``"empirical"`` (dataset labels) or ``"mc"`` (one label drawn from the model).
+        generator: seeds the draw for ``kind="mc"``.
+        chunk_size: samples per vectorised call.
+
+    Returns:
+        ``{name: [N, *P]}`` or ``{name: [N, T, *P]}`` in the parameters' dtype.
+
+    Raises:
+        FisherError: as :func:`diag_fisher`.
+    """
+    where = "per_sample_grads"
+    _choice(where, "kind", kind, ("empirical", "mc"))
+    check_options(where, kind, 1, per, "samples", "generic", torch.float32)
+    params = check_params(where, problem, params)
+    b = prepare_batch(where, problem, params, batch, kind, 1, generator, "samples")
+    grads = generic.map_samples(problem, params, b.prepared, dict, kind=kind, per=per, noise=b.noise,
+                                chunk_size=chunk_size, stack=True)
+    if per == "sample":
+        return {k: v[:, 0] for k, v in grads.items()}
+    return grads
+
+
+__all__ = ["diag_fisher", "group_fisher", "mask_importance", "per_sample_grads"]
