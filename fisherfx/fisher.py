@@ -173,6 +173,7 @@ def diag_fisher(
     Raises:
         FisherError: bad options, unknown parameters, a batch with no active position, targets
             that do not fit the outputs, non-finite outputs or gradients.
+
     """
     where = "diag_fisher"
     check_options(where, kind, n_samples, per, normalize, engine, dtype)
@@ -207,6 +208,7 @@ def group_fisher(
 
     Raises:
         FisherError: as :func:`diag_fisher`, and a group pattern that does not fit its parameter.
+
     """
     checked = check_groups(groups, params, "group_fisher")
     storage_dtype, device = options.pop("storage_dtype", None), options.pop("device", None)
@@ -245,6 +247,7 @@ def mask_importance(
 
     Raises:
         FisherError: as :func:`group_fisher`.
+
     """
     where = "mask_importance"
     check_options(where, kind, n_samples, per, normalize, engine, dtype)
@@ -291,6 +294,7 @@ def per_sample_grads(
 
     Raises:
         FisherError: as :func:`diag_fisher`.
+
     """
     where = "per_sample_grads"
     _choice(where, "kind", kind, ("empirical", "mc"))

@@ -57,6 +57,7 @@ def check_groups(groups: Groups, params: Mapping[str, Tensor], where: str = "gro
 
     Raises:
         FisherError: a name not in ``params``, or a pattern that does not fit its parameter.
+
     """
     out = {}
     for name, spec in groups.items():
@@ -97,6 +98,7 @@ def expand_groups(values: Mapping[str, Tensor], groups: Groups, params: Mapping[
 
     Returns:
         ``{name: [*P]}``.
+
     """
     checked = check_groups({k: groups[k] for k in values}, params, "expand_groups")
     out = {}
@@ -145,6 +147,7 @@ def channels(params: Mapping[str, Tensor], model: nn.Module | None = None) -> di
 
     Returns:
         ``{name: Group}``.
+
     """
     modules = _modules(model)
     out = {}
@@ -160,7 +163,8 @@ def channels(params: Mapping[str, Tensor], model: nn.Module | None = None) -> di
 
 def inputs(params: Mapping[str, Tensor], model: nn.Module | None = None) -> dict[str, Group]:
     """One group per input feature of every weight with ≥ 2 axes (``[o, i, ...]`` → ``[i]``;
-    ``Conv1D`` ``[i, o]`` → ``[i]``). Biases and norm weights have no input axis and are left out."""
+    ``Conv1D`` ``[i, o]`` → ``[i]``). Biases and norm weights have no input axis and are left out.
+    """
     modules = _modules(model)
     out = {}
     for name, p in params.items():
@@ -222,6 +226,7 @@ def heads(
 
     Raises:
         FisherError: an explicit name with an unknown role, or no attention parameter found.
+
     """
     kv = num_heads if num_kv_heads is None else num_kv_heads
     modules = _modules(model)
@@ -266,7 +271,8 @@ def heads(
 
 def to_flat(values: Mapping[str, Tensor], sep: str = "|") -> dict[str, Tensor]:
     """``{name: [G...]}`` → ``{"<name>|<group>": scalar}``, the group index written ``"3"`` or
-    ``"1,2"`` (``""`` for a whole-tensor group), for code that stores Fisher under such keys."""
+    ``"1,2"`` (``""`` for a whole-tensor group), for code that stores Fisher under such keys.
+    """
     flat = {}
     for name, value in values.items():
         if sep in name:
@@ -284,6 +290,7 @@ def from_flat(flat: Mapping[str, Tensor], sep: str = "|") -> dict[str, Tensor]:
     Raises:
         FisherError: a key without the separator, or a parameter whose group indices do not
             fill a full grid.
+
     """
     entries: dict[str, dict[tuple[int, ...], Tensor]] = {}
     for key, value in flat.items():

@@ -35,7 +35,8 @@ class Prepared(NamedTuple):
 
 class Problem(NamedTuple):
     """A model, its likelihood and how batches are read. Build one with :func:`supervised` or
-    :func:`causal_lm`."""
+    :func:`causal_lm`.
+    """
 
     model: nn.Module
     likelihood: Likelihood
@@ -84,6 +85,7 @@ def supervised(model: nn.Module, likelihood: Likelihood) -> Problem:
 
     Returns:
         A :class:`Problem`.
+
     """
 
     def prepare(batch: Any) -> Prepared:
@@ -124,6 +126,7 @@ def left_align(mask: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
 
     Returns:
         ``(mask, *rows)`` moved, cut to the longest span.
+
     """
     mask = mask.to(torch.bool)
     n, t = mask.shape
@@ -160,6 +163,7 @@ def causal_lm(model: nn.Module, ignore_index: int = -100) -> Problem:
 
     Returns:
         A :class:`Problem` with the ``Categorical(ignore_index)`` likelihood.
+
     """
     likelihood = Categorical(ignore_index)
     known = {"input_ids", "attention_mask", "labels"}

@@ -89,7 +89,8 @@ class EMAState(NamedTuple):
 
 def ema_init(like: "Estimate | Mapping[str, Tensor]", decay: float = 0.99) -> EMAState:
     """``m_0 = 0``, step 0. ``like`` (an estimate or a ``{name: tensor}``) gives names, shapes,
-    devices only."""
+    devices only.
+    """
     if not isinstance(decay, (int, float)) or not 0.0 < float(decay) < 1.0:
         raise FisherError(f"ema_init: decay must be in (0, 1), got {decay!r}")
     values = _names_shapes(like)

@@ -48,6 +48,7 @@ def position_vectors(
     Returns:
         ``[R, ..., T, C]``, zero at inactive positions. For ``mc`` the ``S`` draws are *not* yet
         divided by ``S``.
+
     """
     outputs = outputs.detach()
     mask = active[..., None].to(outputs.dtype)

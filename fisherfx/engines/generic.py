@@ -70,6 +70,7 @@ def map_samples(
 
     Returns:
         ``{name: Tensor}``, summed over samples (or stacked).
+
     """
     model, likelihood = problem.model, problem.likelihood
     buffers = dict(model.named_buffers())
