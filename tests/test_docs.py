@@ -1,0 +1,29 @@
+"""The docs name every public name, and the examples run."""
+
+import pathlib
+import runpy
+
+import pytest
+
+import fisherfx as ffx
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(ffx.__all__))
+def test_public_name_is_documented(name):
+    assert f"`{name}" in (ROOT / "docs" / "api.md").read_text(), f"{name} is missing from docs/api.md"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_example_runs(path, monkeypatch):
+    monkeypatch.setenv("FISHERFX_SMOKE", "1")
+    runpy.run_path(str(path), run_name="__main__")
+
+
+def test_demo_runs(capsys):
+    from fisherfx.cli import main
+
+    main(["demo", "--seconds", "0.2", "--top", "2"])
+    out = capsys.readouterr().out
+    assert "EMA" in out and "top 2 output channels" in out
