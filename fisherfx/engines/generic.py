@@ -100,7 +100,10 @@ def map_samples(
         chunk = (_take(prepared.inputs, start, stop), prepared.targets[start:stop],
                  prepared.active[start:stop], None if noise is None else noise[:, start:stop])
         try:
-            result, finite = vmap(one, in_dims=in_dims)(*chunk)
+            # torch.func's vjp ignores an outer no_grad; it only stops autograd from recording the
+            # model's own parameters that are not in `params` (memory, and results that require grad)
+            with torch.no_grad():
+                result, finite = vmap(one, in_dims=in_dims)(*chunk)
         except RuntimeError as err:
             raise _translate(err) from err
         if not bool(finite.all()):
