@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._errors import FisherError
+from ._tree import tensors
 from .likelihoods import Categorical, Likelihood
 
 Params = dict[str, Tensor]
@@ -66,7 +67,7 @@ def model_call(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, **kw
 
 
 def _batch_size(inputs: Any) -> int:
-    leaves = [x for x in torch.utils._pytree.tree_leaves(inputs) if isinstance(x, Tensor)]
+    leaves = tensors(inputs)
     if not leaves:
         raise FisherError("supervised: the batch inputs hold no tensor")
     return leaves[0].shape[0]

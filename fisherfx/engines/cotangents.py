@@ -51,6 +51,8 @@ def position_vectors(
 
     """
     outputs = outputs.detach()
+    if outputs.dtype in (torch.float16, torch.bfloat16):  # softmax and sampling in float32
+        outputs = outputs.float()
     mask = active[..., None].to(outputs.dtype)
     if kind == "empirical":
         return (likelihood.nll_grad(outputs, targets) * mask)[None]

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import vjp, vmap
-from torch.utils._pytree import tree_map
 
 from .._errors import FisherError
+from .._tree import map_tensors
 from ..problems import Prepared, Problem
 from .cotangents import Kind, position_vectors, sample_vectors
 
@@ -25,7 +25,7 @@ Reducer = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 def _take(tree: Any, start: int, stop: int) -> Any:
-    return tree_map(lambda x: x[start:stop] if isinstance(x, Tensor) else x, tree)
+    return map_tensors(lambda x: x[start:stop], tree)
 
 
 def _translate(err: RuntimeError) -> FisherError | RuntimeError:
@@ -77,7 +77,7 @@ def map_samples(
     params = dict(params)
 
     def one(inputs, targets, active, z):
-        inputs = tree_map(lambda x: x[None] if isinstance(x, Tensor) else x, inputs)
+        inputs = map_tensors(lambda x: x[None], inputs)
 
         def outputs_of(p):
             return problem.forward(model, {**buffers, **p}, inputs)[0]  # [T, C]
