@@ -103,7 +103,8 @@ def supervised(model: nn.Module, likelihood: Likelihood) -> Problem:
         targets, active = likelihood.canonical_targets(targets)
         if len(batch) == 3:
             mask = batch[2].to(torch.bool)
-            mask = mask[:, None] if mask.ndim == 1 else mask
+            if mask.ndim == 1 and mask.shape[0] == n:  # one flag per sample covers all its positions
+                mask = mask[:, None].expand(active.shape)
             if mask.shape != active.shape:
                 raise FisherError(
                     f"supervised: mask of shape {tuple(batch[2].shape)} does not fit targets; "
