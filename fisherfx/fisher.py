@@ -22,7 +22,7 @@ from torch.func import vmap
 from ._errors import FisherError
 from .engines import generic
 from .groups import Groups, check_groups, reduce_groups
-from .likelihoods import check_shapes
+from .likelihoods import check_classes, check_shapes
 from .problems import Prepared, Problem
 from .state import Estimate, cast
 
@@ -99,6 +99,7 @@ def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], ba
     with torch.no_grad():
         out = problem.forward(problem.model, {**dict(problem.model.named_buffers()), **params}, first)
     check_shapes(problem.likelihood, out, prepared.targets[:1], where)
+    check_classes(problem.likelihood, out, prepared.targets, active, where)
     noise = None
     if kind == "mc":
         shape = (active.shape[0], *out.shape[1:])

@@ -18,7 +18,7 @@ whole tensor                    ``"... -> "``                     ``[]``
 ==============================  ===============================  =====================
 """
 
-import math
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -100,6 +100,9 @@ def expand_groups(values: Mapping[str, Tensor], groups: Groups, params: Mapping[
         ``{name: [*P]}``.
 
     """
+    missing = [k for k in values if k not in groups]
+    if missing:
+        raise FisherError(f"expand_groups: no group spec for {missing}; the groups cover {_some(groups)}")
     checked = check_groups({k: groups[k] for k in values}, params, "expand_groups")
     out = {}
     for name, group in checked.items():
@@ -301,14 +304,19 @@ def from_flat(flat: Mapping[str, Tensor], sep: str = "|") -> dict[str, Tensor]:
             idx = tuple(int(i) for i in index.split(",")) if index else ()
         except ValueError:
             raise FisherError(f"from_flat: group index {index!r} of key {key!r} is not integers") from None
+        if idx in entries.get(name, {}):
+            raise FisherError(f"from_flat: key {key!r} repeats group {idx} of parameter {name!r}")
         entries.setdefault(name, {})[idx] = torch.as_tensor(value)
     out = {}
     for name, items in entries.items():
         ndims = {len(i) for i in items}
-        shape = tuple(max(i[d] for i in items) + 1 for d in range(max(ndims)))
-        if len(ndims) != 1 or len(items) != math.prod(shape):
+        if len(ndims) != 1:
+            raise FisherError(f"from_flat: parameter {name!r} mixes group indices with {sorted(ndims)} axes; "
+                              "expected the same number of axes in every key")
+        shape = tuple(max(i[d] for i in items) + 1 for d in range(ndims.pop()))
+        if set(items) != set(itertools.product(*map(range, shape))):
             raise FisherError(f"from_flat: parameter {name!r} has {len(items)} group entries, "
-                              f"which do not fill a grid of shape {shape}")
+                              f"which do not fill a grid of shape {shape} (each index 0 … size-1 once)")
         first = next(iter(items.values()))
         value = torch.empty(shape, dtype=first.dtype, device=first.device)
         for idx, v in items.items():

@@ -204,4 +204,17 @@ def check_shapes(likelihood: Likelihood, outputs: Tensor, targets: Tensor, where
         )
 
 
-__all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "check_shapes"]
+def check_classes(likelihood: Likelihood, outputs: Tensor, targets: Tensor, active: Tensor, where: str) -> None:
+    """Raise :class:`FisherError` unless every active ``Categorical`` target is a class of ``outputs``."""
+    if not isinstance(likelihood, Categorical):
+        return
+    classes = targets[active]
+    c = outputs.shape[-1]
+    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= c):
+        raise FisherError(
+            f"{where}: class targets must lie in [0, {c}) for model outputs with {c} classes (or equal "
+            f"ignore_index={likelihood.ignore_index}), got targets from {int(classes.min())} to {int(classes.max())}"
+        )
+
+
+__all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "check_classes", "check_shapes"]
