@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import vmap
 
 from ._errors import FisherError
@@ -88,6 +88,10 @@ class Batch(NamedTuple):
 def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str,
                   n_samples: int, generator: torch.Generator | None, normalize: str) -> Batch:
     """Split the batch, check it, draw the MC noise and count the normaliser."""
+    for name, module in problem.model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise FisherError(f"{where}: BatchNorm module {name!r} is in train mode, where it mixes samples and "
+                              "updates its running statistics; call model.eval() before computing the Fisher")
     prepared = problem.prepare(batch)
     active = prepared.active
     n_active = int(active.sum())
