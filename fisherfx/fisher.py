@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ._errors import FisherError
-from .engines import generic
+from .engines import generic, taps
 from .groups import Groups, check_groups, reduce_groups
 from .likelihoods import check_classes, check_shapes
 from .problems import Prepared, Problem
@@ -53,8 +53,6 @@ def check_options(where: str, kind: str, n_samples: int, per: str, normalize: st
     _choice(where, "dtype", dtype, DTYPES)
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise FisherError(f"{where}: n_samples must be a positive integer, got {n_samples!r}")
-    if engine == "taps":
-        raise FisherError(f"{where}: engine='taps' is not available in this version; use 'auto' or 'generic'")
 
 
 def check_params(where: str, problem: Problem, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -133,6 +131,43 @@ def _squares(dtype: torch.dtype):
     return reduce
 
 
+def _fixing(problem: Problem, params: Mapping[str, Tensor], rest: Mapping[str, Tensor]) -> Problem:
+    """``problem`` whose forward also uses the values in ``params`` that are not in ``rest``."""
+    fixed = {k: v.detach() for k, v in params.items() if k not in rest}
+    if not fixed:
+        return problem
+
+    def forward(model: nn.Module, values: Mapping[str, Tensor], inputs: Any) -> Tensor:
+        return problem.forward(model, {**fixed, **values}, inputs)
+
+    return problem._replace(forward=forward)
+
+
+def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, request: Any, reduce: Any, *,
+             kind: str, per: str, engine: str, dtype: torch.dtype, chunk_size: int | None) -> dict[str, Tensor]:
+    """Unnormalised sums: the tap engine where it serves (``auto``, ``taps``), the generic for the rest.
+
+    ``request(name)`` is the tap engine's :class:`~fisherfx.engines.taps.Request`, ``reduce`` the
+    generic engine's reducer of the same quantity.
+    """
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise FisherError(f"{where}: chunk_size must be a positive integer or None, got {chunk_size!r}")
+    sums: dict[str, Tensor] = {}
+    if engine != "generic":
+        result = taps.estimate(problem, params, b.prepared, {k: request(k) for k in params}, kind=kind, per=per,
+                               noise=b.noise, dtype=dtype, chunk_size=chunk_size, where=where)
+        if engine == "taps" and result.missing:
+            raise FisherError(f"{where}: engine='taps' cannot serve "
+                              + "; ".join(f"{k!r}: {why}" for k, why in result.missing.items())
+                              + ". Use engine='auto' to compute these with the generic engine")
+        sums = result.sums
+    rest = {k: v for k, v in params.items() if k not in sums}
+    if rest:
+        sums.update(generic.map_samples(_fixing(problem, params, rest), rest, b.prepared, reduce, kind=kind,
+                                        per=per, noise=b.noise, chunk_size=chunk_size))
+    return {k: sums[k] for k in params}
+
+
 def diag_fisher(
     problem: Problem,
     params: Mapping[str, Tensor],
@@ -166,7 +201,9 @@ def diag_fisher(
         generator: seeds the MC draws; the same state gives the same result.
         per: ``"sample"`` (``∇ℓ_n``) or ``"token"`` (``∇ℓ_{n,t}``).
         normalize: ``Z`` = ``"samples"`` (N rows), ``"tokens"`` (active positions) or ``"none"`` (1).
-        engine: ``"auto"`` or ``"generic"``.
+        engine: ``"generic"`` (``vmap`` over per-sample ``vjp``, any model), ``"taps"`` (layer
+            inputs and output gradients from batched passes, see :mod:`fisherfx.engines.taps`; raises
+            for parameters it cannot serve) or ``"auto"`` (taps where they serve, generic for the rest).
         dtype: accumulation dtype, float32 or float64, whatever the model's dtype.
         chunk_size: samples per vectorised call, to bound memory (``None``: the whole batch).
         storage_dtype: dtype of the returned values (e.g. ``torch.bfloat16``), default ``dtype``.
@@ -184,8 +221,8 @@ def diag_fisher(
     check_options(where, kind, n_samples, per, normalize, engine, dtype)
     params = check_params(where, problem, params)
     b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
-    sums = generic.map_samples(problem, params, b.prepared, _squares(dtype), kind=kind, per=per,
-                               noise=b.noise, chunk_size=chunk_size)
+    sums = _engines(where, problem, params, b, lambda k: taps.Request(), _squares(dtype), kind=kind, per=per,
+                    engine=engine, dtype=dtype, chunk_size=chunk_size)
     scale = 1.0 / n_samples if kind == "mc" else 1.0
     return _finish(where, sums, scale, b.count, storage_dtype, device)
 
@@ -215,10 +252,32 @@ def group_fisher(
         FisherError: as :func:`diag_fisher`, and a group pattern that does not fit its parameter.
 
     """
-    checked = check_groups(groups, params, "group_fisher")
+    where = "group_fisher"
+    checked = check_groups(groups, params, where)
     storage_dtype, device = options.pop("storage_dtype", None), options.pop("device", None)
-    est = diag_fisher(problem, {k: params[k] for k in checked}, batch, **options)
-    return _store(Estimate(reduce_groups(est.value, checked), est.count), storage_dtype, device)
+    if options.get("engine", "auto") == "generic":
+        est = diag_fisher(problem, {k: params[k] for k in checked}, batch, **options)
+        return _store(Estimate(reduce_groups(est.value, checked), est.count), storage_dtype, device)
+    return _store(_group_sums(where, problem, {k: params[k] for k in checked}, batch, checked, **options),
+                  storage_dtype, device)
+
+
+def _group_sums(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, checked: dict[str, Any],
+                kind: Kind = "empirical", n_samples: int = 1, generator: torch.Generator | None = None,
+                per: Per = "sample", normalize: Normalize = "samples", engine: Engine = "auto",
+                dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> Estimate:
+    """Group Fisher through the tap engine's group estimators (no diagonal where it can avoid it)."""
+    check_options(where, kind, n_samples, per, normalize, engine, dtype)
+    params = check_params(where, problem, params)
+    b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
+    squares = _squares(dtype)
+
+    def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return reduce_groups(squares(vectors), {k: checked[k] for k in vectors})
+
+    sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].reduce), reduce, kind=kind,
+                    per=per, engine=engine, dtype=dtype, chunk_size=chunk_size)
+    return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, None, None)
 
 
 def mask_importance(
@@ -267,8 +326,8 @@ def mask_importance(
             out[name] = (projected**2).sum(0)
         return out
 
-    sums = generic.map_samples(problem, params, b.prepared, reduce, kind=kind, per=per, noise=b.noise,
-                               chunk_size=chunk_size)
+    sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].reduce, mask=True), reduce,
+                    kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size)
     return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, None, None)
 
 

@@ -1,0 +1,208 @@
+"""Estimators from tap factors: squares of per-unit gradients without forming them where possible.
+
+A *unit* is what one squared gradient belongs to: a sample (``per="sample"``) or an active
+position (``per="token"`` and ``kind="exact"``, once the engine has put each position in a unit
+of its own). The gradient of a parameter for unit ``u`` is a sum over the uses of the parameter
+(:class:`~._tap_layers.Use`) and their positions ``p``:
+
+.. math::
+    G_u = \\sum_p a_{u,p} b_{u,p}^\\top \\quad (\\text{outer, index}), \\qquad
+    G_u = \\sum_p a_{u,p} \\quad (\\text{vector})
+
+and every estimator is a sum over units of a quadratic function of ``G_u``:
+
+============  ==============================================  ==================================
+what          value                                           computed as
+============  ==============================================  ==================================
+diag          ``Σ_u G_u ⊙ G_u``                               ``(a²)ᵀ(b²)`` if one position per
+                                                              unit, else ``G_u`` in chunks
+rows          ``Σ_u Σ_i G_u[o, i]²`` per row ``o``            ``Σ_u diag(A_uᵀ K_u A_u)``,
+                                                              ``K_u = B_u B_uᵀ`` (Gram), or
+                                                              ``G_u`` in chunks, the cheaper one
+cols          ``Σ_u Σ_o G_u[o, i]²`` per column ``i``         the same with ``A`` and ``B`` swapped
+mask_rows     ``Σ_u (Σ_{o∈g} Σ_i θ_{oi} G_u[o, i])²``         ``Σ_p a_p ⊙ (θ b_p)``, no ``G_u``
+mask_cols     the same with column groups                     ``Σ_p b_p ⊙ (θᵀ a_p)``
+mask          ``Σ_u (Σ_{j∈g} θ_j G_{u,j})²`` (any groups)     ``G_u`` in chunks
+============  ==============================================  ==================================
+
+Row and column values are summed into groups with ``index_add`` by a group id per row/column.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from ._tap_layers import Use
+
+BUDGET = 1 << 22  # elements of the largest temporary per chunk (per-unit gradients, Gram matrices)
+
+
+class Plan(NamedTuple):
+    """What to accumulate for one parameter (see the module docstring)."""
+
+    what: str  # "diag" | "rows" | "cols" | "mask_rows" | "mask_cols" | "mask"
+    gid: Tensor | None = None  # [o] or [i] group id of each row/column ("rows", "cols", "mask_*")
+    groups: int = 0  # number of groups
+    theta: Tensor | None = None  # the parameter in its 2-D layout [o, i] (or [d]), "mask*" only
+    reduce: Callable[[Tensor], Tensor] | None = None  # parameter-shaped → group values ("mask")
+    shape: tuple[int, ...] = ()  # the parameter's shape ("mask")
+
+
+def _chunk(units: int, per_unit: int, cap: int | None) -> int:
+    step = max(1, BUDGET // max(per_unit, 1))
+    return max(1, min(units, step, cap or units))
+
+
+def _dense(uses: list[Use], lo: int, hi: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Outer uses concatenated along positions: ``[c, P, o]``, ``[c, P, i]``."""
+    a = torch.cat([u.a[lo:hi].to(dtype) for u in uses], 1)
+    b = torch.cat([u.b(lo, hi).to(dtype) for u in uses], 1)
+    return a, b
+
+
+def _explicit(uses: list[Use], lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+    """Per-unit gradients ``G_u`` ``[c, *size]`` of units ``lo:hi``."""
+    c = hi - lo
+    total = torch.zeros((c, *uses[0].size), dtype=dtype, device=uses[0].a.device)
+    for u in uses:
+        if u.form == "vector":
+            total += u.a[lo:hi].to(dtype).sum(1)
+        elif u.form == "outer":
+            total.baddbmm_(u.a[lo:hi].to(dtype).transpose(1, 2), u.b(lo, hi).to(dtype))
+        else:
+            idx, b = u.a[lo:hi], u.b(lo, hi).to(dtype)
+            o = u.size[0]
+            keep = idx >= 0
+            unit = torch.arange(c, device=idx.device)[:, None].expand_as(idx)
+            total.view(c * o, -1).index_add_(0, (unit * o + idx)[keep], b[keep])
+    return total
+
+
+def _aggregate(uses: list[Use], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Index uses: the non-zero rows of all ``G_u`` as (row index ``[K]``, row ``[K, i]``)."""
+    o = uses[0].size[0]
+    idx = torch.cat([u.a for u in uses], 1)
+    b = torch.cat([u.b(0, u.a.shape[0]).to(dtype) for u in uses], 1)
+    keep = idx >= 0
+    unit = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
+    keys, inverse = torch.unique((unit * o + idx)[keep], return_inverse=True)
+    rows = torch.zeros((keys.shape[0], b.shape[-1]), dtype=dtype, device=b.device)
+    return keys % o, rows.index_add_(0, inverse, b[keep])
+
+
+def _one_position(uses: list[Use]) -> bool:
+    return len(uses) == 1 and uses[0].form == "outer" and uses[0].a.shape[1] == 1
+
+
+def _squares(uses: list[Use], what: str, dtype: torch.dtype, cap: int | None) -> Tensor:
+    """``diag`` ``[o, i]``/``[d]``, ``rows`` ``[o]`` or ``cols`` ``[i]`` (before grouping)."""
+    forms = {u.form for u in uses}
+    units = uses[0].a.shape[0]
+    if forms == {"vector"}:
+        s = sum(u.a.sum(1) for u in uses)
+        return (s**2).sum(0)
+    if _one_position(uses):
+        a2, b2 = uses[0].a[:, 0].to(dtype) ** 2, uses[0].b(0, units)[:, 0].to(dtype) ** 2
+        if what == "diag":
+            return a2.T @ b2
+        return a2.T @ b2.sum(1) if what == "rows" else b2.T @ a2.sum(1)
+    if forms == {"index"}:
+        rows, agg = _aggregate(uses, dtype)
+        o, i = uses[0].size
+        sq = agg**2
+        if what == "diag":
+            return torch.zeros((o, i), dtype=dtype, device=sq.device).index_add_(0, rows, sq)
+        if what == "rows":
+            return torch.zeros(o, dtype=dtype, device=sq.device).index_add_(0, rows, sq.sum(1))
+        return sq.sum(0)
+    o, i = uses[0].size
+    positions = sum(u.a.shape[1] for u in uses)
+    gram = forms == {"outer"} and what != "diag" and positions * (o + i) < o * i
+    per_unit = positions * (positions + o + i) if gram else o * i + positions * (o + i)
+    step = _chunk(units, per_unit, cap)
+    total = torch.zeros(uses[0].size if what == "diag" else (o if what == "rows" else i),
+                        dtype=dtype, device=uses[0].a.device)
+    for lo in range(0, units, step):
+        hi = min(lo + step, units)
+        if gram:
+            a, b = _dense(uses, lo, hi, dtype)
+            if what == "cols":
+                a, b = b, a
+            k = b @ b.transpose(1, 2)  # [c, P, P]
+            total += (a * (k @ a)).sum((0, 1))
+        else:
+            g2 = _explicit(uses, lo, hi, dtype) ** 2
+            total += g2.sum(0) if what == "diag" else g2.sum((0, 2) if what == "rows" else (0, 1))
+    return total
+
+
+def _projected(uses: list[Use], what: str, theta: Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+    """``m_u`` ``[c, o]`` (rows) or ``[c, i]`` (cols): ``Σ_{i} θ ⊙ G_u`` along the other axis."""
+    total = None
+    for u in uses:
+        b = u.b(lo, hi).to(dtype)
+        if u.form == "outer":
+            a = u.a[lo:hi].to(dtype)
+            m = (a * (b @ theta.T)).sum(1) if what == "mask_rows" else (b * (a @ theta)).sum(1)
+        else:
+            idx = u.a[lo:hi]
+            keep = (idx >= 0).to(dtype)
+            rows = theta[idx.clamp(min=0)]  # [c, P, i]
+            if what == "mask_cols":
+                m = (b * rows * keep[..., None]).sum(1)
+            else:
+                z = (b * rows).sum(-1) * keep  # [c, P]
+                m = torch.zeros((hi - lo, u.size[0]), dtype=dtype, device=z.device)
+                m.scatter_add_(1, idx.clamp(min=0), z)
+        total = m if total is None else total + m
+    return total
+
+
+def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None) -> Tensor:
+    """Sum over units of one parameter's estimator (see the module docstring).
+
+    Args:
+        uses: the parameter's uses, all with the same units (first axis).
+        plan: what to accumulate.
+        dtype: accumulation dtype.
+        cap: at most this many units per chunk (``None``: by memory only).
+
+    Returns:
+        ``diag``: ``[*size]`` (the 2-D layout, or ``[d]``); the others: ``[groups]``, except
+        ``mask``: the group value shape of ``plan.reduce``.
+
+    """
+    what = plan.what
+    if what in ("diag", "rows", "cols"):
+        values = _squares(uses, what, dtype, cap)
+        if what == "diag":
+            return values
+        return torch.zeros(plan.groups, dtype=dtype, device=values.device).index_add_(0, plan.gid, values)
+    units = uses[0].a.shape[0]
+    theta = plan.theta.to(dtype)
+    if what == "mask" or {u.form for u in uses} & {"vector"}:
+        size = uses[0].size
+        step = _chunk(units, 2 * int(torch.Size(size).numel()), cap)
+        total = None
+        for lo in range(0, units, step):
+            hi = min(lo + step, units)
+            weighted = (theta.reshape(size) * _explicit(uses, lo, hi, dtype)).reshape(hi - lo, *plan.shape)
+            part = (vmap(plan.reduce)(weighted) ** 2).sum(0)
+            total = part if total is None else total + part
+        return total
+    positions = sum(u.a.shape[1] for u in uses)
+    o, i = uses[0].size
+    step = _chunk(units, positions * (o + i) + o + i, cap)
+    total = torch.zeros(plan.groups, dtype=dtype, device=theta.device)
+    for lo in range(0, units, step):
+        hi = min(lo + step, units)
+        m = _projected(uses, what, theta, lo, hi, dtype)
+        grouped = torch.zeros((hi - lo, plan.groups), dtype=dtype, device=m.device).index_add_(1, plan.gid, m)
+        total += (grouped**2).sum(0)
+    return total
+
+
+__all__ = ["BUDGET", "Plan", "accumulate"]

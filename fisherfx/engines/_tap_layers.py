@@ -1,0 +1,212 @@
+"""Per-layer formulas of the tap engine: one call's input and output gradient → gradient factors.
+
+For every supported layer the gradient of a parameter is a sum, over the positions ``p`` of a
+call, of per-position contributions written in the parameter's 2-D layout ``[o, i]`` (rows: the
+parameter's first axis, columns: the rest flattened):
+
+=======================  ===================  ===============================  ==========
+layer                    parameter            contribution at position ``p``   form
+=======================  ===================  ===============================  ==========
+``nn.Linear``            weight ``[o, i]``    ``g_p x_pᵀ``                     outer
+HF ``Conv1D``            weight ``[i, o]``    ``x_p g_pᵀ``                     outer
+``nn.Conv1d/2d``         weight ``[o, c, k…]``  ``g_p unfold(x)_pᵀ``           outer
+``nn.Embedding``         weight ``[V, d]``    ``e_{idx_p} g_pᵀ``               index
+``LayerNorm``/RMSNorm    weight ``[*D]``      ``g_p ⊙ x̂_p``                    vector
+all of them              bias ``[o]``         ``g_p``                          vector
+=======================  ===================  ===============================  ==========
+
+``x`` is the call's input, ``g`` the gradient of the backward's scalar w.r.t. the call's output and
+``x̂`` the normalised input (recomputed here). Positions are every axis of the output between the
+sample axis and the feature axis (tokens, pixels of a feature map).
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+
+class Use(NamedTuple):
+    """One call's contributions to one parameter (see the module docstring).
+
+    ``outer``: ``Σ_p a_p b_pᵀ`` with ``a`` ``[N, P, o]`` and ``b(lo, hi)`` ``[hi-lo, P, i]``;
+    ``index``: the same with ``a`` ``[N, P]`` row indices (one-hot rows, ``-1`` for none);
+    ``vector``: ``Σ_p a_p`` with ``a`` ``[N, P, d]`` and no ``b``.
+    """
+
+    form: str
+    a: Tensor
+    b: Callable[[int, int], Tensor] | None
+    size: tuple[int, ...]  # (o, i) for outer/index, (d,) for vector
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers absent
+        return None
+    return Conv1D
+
+
+def _llama_rmsnorm_class() -> type | None:
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:  # pragma: no cover - transformers absent
+        return None
+    return LlamaRMSNorm
+
+
+class Kinds(NamedTuple):
+    """The optional layer classes, imported once per call (``None`` where transformers is absent)."""
+
+    conv1d: type | None
+    llama_rmsnorm: type | None
+
+
+def kinds() -> Kinds:
+    """Look up the optional HuggingFace classes."""
+    return Kinds(_conv1d_class(), _llama_rmsnorm_class())
+
+
+def supported(module: nn.Module, k: Kinds) -> bool:
+    """Whether the taps know ``module``'s gradient formulas (in the configuration it has)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.groups == 1
+    if isinstance(module, nn.Embedding):
+        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    return any(cls is not None and isinstance(module, cls) for cls in k)
+
+
+def out_view(module: nn.Module, y: Tensor, k: Kinds) -> Tensor | None:
+    """A call's output (or its gradient) as ``[N, P, D]``: samples, positions, features.
+
+    Returns ``None`` where the output has no sample axis this engine can read.
+    """
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if y.ndim != (3 if isinstance(module, nn.Conv1d) else 4):
+            return None
+        return y.flatten(2).transpose(1, 2)
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        dims = len(module.normalized_shape)
+        if y.ndim < dims + 1:
+            return None
+        return y.reshape(y.shape[0], -1, *y.shape[y.ndim - dims:]).flatten(2)
+    if isinstance(module, nn.Embedding):
+        return y.reshape(y.shape[0], -1, y.shape[-1]) if y.ndim >= 2 else None
+    # Linear, Conv1D, LlamaRMSNorm: features on the last axis
+    return y.reshape(y.shape[0], -1, y.shape[-1]) if y.ndim >= 2 else None
+
+
+def position_shape(module: nn.Module, y: Tensor, k: Kinds) -> tuple[int, ...]:
+    """The position axes of a call's output (between the sample axis and the features).
+
+    Convolutions give ``()``: their spatial axes cannot hold the samples of a batch.
+    """
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return ()
+    dims = len(module.normalized_shape) if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) else 1
+    return tuple(y.shape[1:y.ndim - dims])
+
+
+def _fixed(x: Tensor) -> Callable[[int, int], Tensor]:
+    return lambda lo, hi: x[lo:hi]
+
+
+def _conv_pads(module: nn.Module, dims: int) -> list[int]:
+    """``F.pad`` widths (last axis first) reproducing the module's own padding."""
+    pads: list[int] = []
+    for j in reversed(range(dims)):
+        if module.padding == "valid":
+            left = right = 0
+        elif module.padding == "same":
+            total = module.dilation[j] * (module.kernel_size[j] - 1)
+            left, right = total // 2, total - total // 2
+        else:
+            left = right = module.padding[j]
+        pads += [left, right]
+    return pads
+
+
+def unfold(module: nn.Module, x: Tensor) -> Tensor:
+    """Patches of a Conv1d/Conv2d input: ``[n, c, *S] → [n, P, c·k…]`` in the weight's column order."""
+    dims = x.ndim - 2
+    pads = _conv_pads(module, dims)
+    if any(pads):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if dims == 1:
+        x, kernel, stride, dilation = x[:, :, None], (1, *kernel), (1, *stride), (1, *dilation)
+    return F.unfold(x, kernel, dilation=dilation, stride=stride).transpose(1, 2)
+
+
+def normalised(module: nn.Module, x: Tensor, k: Kinds) -> Tensor:
+    """``x̂``: the input of a LayerNorm/RMSNorm normalised as the module's forward does it."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, nn.RMSNorm):
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+    # LlamaRMSNorm: statistics in float32, result cast back to the input dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return h.to(x.dtype)
+
+
+def uses(module: nn.Module, x: Tensor, g: Tensor, keys: dict[str, str], k: Kinds,
+         dtype: torch.dtype) -> dict[str, Use]:
+    """The contributions of one call to the parameters named in ``keys``.
+
+    Args:
+        module: the layer (a :func:`supported` one).
+        x: the call's input (detached), sample axis first.
+        g: ``[N, P, D]`` output gradient, as :func:`out_view` gives it.
+        keys: ``{"weight" | "bias": parameter name}`` for the call's parameters being estimated.
+        k: the optional layer classes.
+        dtype: the accumulation dtype (``vector`` forms are computed in it, the others later).
+
+    Returns:
+        ``{parameter name: Use}``; empty where the input does not have the expected layout.
+
+    """
+    n, p = g.shape[:2]
+    out: dict[str, Use] = {}
+    if "bias" in keys:
+        out[keys["bias"]] = Use("vector", g.to(dtype), None, (g.shape[2],))
+    if "weight" not in keys:
+        return out
+    name = keys["weight"]
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        o, i = module.out_channels, x.shape[1] * int(torch.Size(module.kernel_size).numel())
+        if unfold(module, x[:1]).shape[1] != p:
+            return {}
+        out[name] = Use("outer", g, lambda lo, hi: unfold(module, x[lo:hi]), (o, i))
+    elif isinstance(module, nn.Embedding):
+        if x.numel() != n * p:
+            return {}
+        idx = x.reshape(n, p)
+        if module.padding_idx is not None:
+            idx = torch.where(idx == module.padding_idx, -1, idx)
+        out[name] = Use("index", idx, _fixed(g), (module.num_embeddings, g.shape[2]))
+    elif isinstance(module, nn.Linear):
+        if x.numel() != n * p * x.shape[-1]:
+            return {}
+        out[name] = Use("outer", g, _fixed(x.reshape(n, p, -1)), (g.shape[2], x.shape[-1]))
+    elif k.conv1d is not None and isinstance(module, k.conv1d):
+        if x.numel() != n * p * x.shape[-1]:
+            return {}
+        out[name] = Use("outer", x.reshape(n, p, -1), _fixed(g), (x.shape[-1], g.shape[2]))
+    else:  # LayerNorm / RMSNorm weight
+        xhat = out_view(module, normalised(module, x, k), k)
+        if xhat is None or xhat.shape != g.shape:
+            return {}
+        out[name] = Use("vector", g.to(dtype) * xhat.to(dtype), None, (g.shape[2],))
+    return out
+
+
+__all__ = ["Kinds", "Use", "kinds", "normalised", "out_view", "position_shape", "supported", "unfold", "uses"]
