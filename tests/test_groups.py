@@ -1,0 +1,282 @@
+"""Ready-made group specs on real layer layouts, and the flat export.
+
+Head tests use weights whose entries encode their own index as a power of two (``2**col``): a
+group sum then *is* a bitmask of the entries it covered, so a head that mixes q, k and v columns
+(or the wrong rows) shows up as the wrong set of indices, not as a slightly wrong number.
+"""
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import fisherfx as ffx
+from tests.strategies import (
+    SAME_MATH_F64,
+    VOCAB,
+    assert_values_close,
+    build,
+    randint,
+    randn,
+    tiny_gpt2,
+    tiny_llama,
+)
+
+F64 = torch.float64
+
+
+class Zoo(nn.Module):
+    """One of each layer layout. ``c_fc`` is a Conv1D under a GPT-2 name, ``proj`` one under another name,
+    ``c_proj`` a Linear under a GPT-2 name."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.conv1 = nn.Conv1d(2, 4, 3)
+        self.conv2 = nn.Conv2d(2, 3, (2, 3))
+        self.c_fc = Conv1D(6, 5)  # weight [in=5, out=6]
+        self.proj = Conv1D(4, 5)  # weight [in=5, out=4]
+        self.c_proj = nn.Linear(4, 2)  # weight [out=2, in=4]
+
+
+# Per-entry values x -> expected group sums, written with plain torch reductions per layout.
+CHANNELS = {"linear": lambda x: x.sum(1), "conv1d": lambda x: x.sum((1, 2)), "conv2d": lambda x: x.sum((1, 2, 3)),
+            "hf_conv1d": lambda x: x.sum(0), "bias": lambda x: x}
+INPUTS = {"linear": lambda x: x.sum(0), "conv1d": lambda x: x.sum((0, 2)), "conv2d": lambda x: x.sum((0, 2, 3)),
+          "hf_conv1d": lambda x: x.sum(1)}
+LAYOUT = {"lin.weight": "linear", "lin.bias": "bias", "conv1.weight": "conv1d", "conv1.bias": "bias",
+          "conv2.weight": "conv2d", "conv2.bias": "bias", "c_fc.weight": "hf_conv1d", "c_fc.bias": "bias",
+          "proj.weight": "hf_conv1d", "proj.bias": "bias", "c_proj.weight": "linear", "c_proj.bias": "bias"}
+# names whose layout can be read without the module: proj (Conv1D, non-GPT-2 name) and c_proj (Linear,
+# GPT-2 name) need model=
+BY_NAME = ("lin", "conv1", "conv2", "c_fc")
+
+
+def probe(params, seed=0):
+    return {k: randn(seed + i, *p.shape) for i, (k, p) in enumerate(params.items())}
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    model = build(Zoo, 0)
+    return model, ffx.params_of(model)
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "names"])
+def test_channels(zoo, with_model):
+    model, params = zoo
+    if not with_model:
+        params = {k: v for k, v in params.items() if k.split(".")[0] in BY_NAME}
+    groups = ffx.channels(params, model=model if with_model else None)
+    assert set(groups) == set(params)
+    x = probe(params)
+    expected = {k: CHANNELS[LAYOUT[k]](x[k]) for k in params}
+    assert_values_close(ffx.reduce_groups(x, groups), expected, **SAME_MATH_F64)
+    assert ffx.reduce_groups(x, groups)["c_fc.weight"].shape == (6,)
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "names"])
+def test_inputs(zoo, with_model):
+    model, params = zoo
+    if not with_model:
+        params = {k: v for k, v in params.items() if k.split(".")[0] in BY_NAME}
+    groups = ffx.inputs(params, model=model if with_model else None)
+    assert set(groups) == {k for k in params if k.endswith("weight")}  # biases have no input axis
+    x = probe(params)
+    expected = {k: INPUTS[LAYOUT[k]](x[k]) for k in groups}
+    assert_values_close(ffx.reduce_groups(x, groups), expected, **SAME_MATH_F64)
+
+
+def test_whole(zoo):
+    _, params = zoo
+    x = probe(params)
+    got = ffx.reduce_groups(x, ffx.whole(params))
+    assert_values_close(got, {k: v.sum() for k, v in x.items()}, **SAME_MATH_F64)
+    assert all(v.shape == () for v in got.values())
+
+
+def test_conv1d_with_and_without_model_agree_for_gpt2():
+    model = build(tiny_gpt2, 0)
+    params = ffx.params_of(model)
+    assert ffx.channels(params, model=model) == ffx.channels(params)
+    assert ffx.inputs(params, model=model) == ffx.inputs(params)
+    assert ffx.channels(params)["transformer.h.0.mlp.c_fc.weight"].pattern == "i o -> o"
+
+
+class _Cnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv2 = nn.Conv2d(2, 3, 2)  # [N, 2, 4, 4] -> [N, 3, 3, 3]
+        self.conv1 = nn.Conv1d(3, 2, 3)  # [N, 3, 9] -> [N, 2, 7]
+        self.c_fc = Conv1D(4, 14)  # [N, 14] -> [N, 4]
+
+    def forward(self, x):
+        h = torch.tanh(self.conv2(x)).flatten(2)
+        return self.c_fc(torch.tanh(self.conv1(h)).flatten(1))
+
+
+_CNN_LAYOUT = {"conv2.weight": "conv2d", "conv2.bias": "bias", "conv1.weight": "conv1d", "conv1.bias": "bias",
+               "c_fc.weight": "hf_conv1d", "c_fc.bias": "bias"}
+
+
+def test_channel_fisher_of_a_cnn_matches_the_diagonal():
+    model = build(_Cnn, 0)
+    params = ffx.params_of(model)
+    problem = ffx.supervised(model, ffx.Categorical())
+    batch = (randn(0, 3, 2, 4, 4), randint(1, 4, 3))
+    diag = ffx.diag_fisher(problem, params, batch, dtype=F64)
+    grouped = ffx.group_fisher(problem, params, batch, ffx.channels(params, model=model), dtype=F64)
+    expected = {k: CHANNELS[_CNN_LAYOUT[k]](diag.value[k]) for k in params}
+    assert_values_close(grouped.value, expected, **SAME_MATH_F64)
+
+
+# --- heads ------------------------------------------------------------------------------------------
+
+def index_bits(*shape: int, axis: int) -> torch.Tensor:
+    """``2**j`` at every entry whose index along ``axis`` is ``j`` (float64, exact for sums here)."""
+    index = torch.arange(shape[axis], dtype=F64)
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return (2.0 ** index).reshape(view).expand(shape)
+
+
+def covered(value: torch.Tensor, copies: int) -> set[int]:
+    """Indices encoded in a group sum of :func:`index_bits` entries, each index seen ``copies`` times."""
+    n = int(value) // copies
+    assert n * copies == int(value) == float(value), f"{value} is not {copies} × a bitmask"
+    return {j for j in range(n.bit_length()) if n >> j & 1}
+
+
+def head_columns(h: int, d: int, num_heads: int, parts: tuple[int, ...] = (0, 1, 2)) -> set[int]:
+    """Columns (or rows) of head ``h`` in a fused ``(three h d)`` axis, for the q/k/v parts listed."""
+    return {s * num_heads * d + h * d + j for s in parts for j in range(d)}
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    model = build(lambda: tiny_gpt2(n_embd=8, n_head=2), 0)  # head dim 4; c_attn.weight [8, 24]
+    return model, ffx.params_of(model)
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "names"])
+def test_heads_gpt2_fused_c_attn_keeps_q_k_v_of_a_head_apart(gpt2, with_model):
+    model, params = gpt2
+    groups = ffx.heads(params, num_heads=2, model=model if with_model else None)
+    attn = "transformer.h.0.attn."
+    assert set(groups) == {attn + "c_attn.weight", attn + "c_attn.bias", attn + "c_proj.weight"}
+    values = ffx.reduce_groups({attn + "c_attn.weight": index_bits(8, 24, axis=1),
+                                attn + "c_attn.bias": index_bits(24, axis=0),
+                                attn + "c_proj.weight": index_bits(8, 8, axis=0)}, groups)
+    for h in range(2):
+        assert covered(values[attn + "c_attn.weight"][h], copies=8) == head_columns(h, 4, 2)
+        assert covered(values[attn + "c_attn.bias"][h], copies=1) == head_columns(h, 4, 2)
+        # c_proj is a Conv1D [in = (h d), out]: head h owns input rows h*4 .. h*4+3
+        assert covered(values[attn + "c_proj.weight"][h], copies=8) == set(range(4 * h, 4 * h + 4))
+
+
+def test_heads_gpt2_split_qkv(gpt2):
+    model, params = gpt2
+    groups = ffx.heads(params, num_heads=2, model=model, split_qkv=True)
+    name = "transformer.h.0.attn.c_attn.weight"
+    value = ffx.reduce_groups({name: index_bits(8, 24, axis=1)}, {name: groups[name]})[name]
+    assert value.shape == (3, 2)
+    for s in range(3):
+        for h in range(2):
+            assert covered(value[s, h], copies=8) == head_columns(h, 4, 2, parts=(s,))
+
+
+def test_heads_gpt2_group_fisher_matches_column_slices_of_the_diagonal(gpt2):
+    model, params = gpt2
+    problem = ffx.causal_lm(model)
+    batch = {"input_ids": randint(0, VOCAB, 2, 5)}
+    name = "transformer.h.0.attn.c_attn.weight"
+    diag = ffx.diag_fisher(problem, {name: params[name]}, batch, dtype=F64).value[name]
+    groups = ffx.heads(params, num_heads=2, model=model, split_qkv=True)
+    got = ffx.group_fisher(problem, params, batch, {name: groups[name]}, dtype=F64).value[name]
+    expected = torch.stack([torch.stack([diag[:, sorted(head_columns(h, 4, 2, parts=(s,)))].sum() for h in range(2)])
+                            for s in range(3)])
+    torch.testing.assert_close(got, expected, **SAME_MATH_F64)
+
+
+def test_heads_llama_grouped_query_attention():
+    model = build(lambda: tiny_llama(hidden=8, num_heads=4, num_kv_heads=2), 0)  # head dim 2
+    params = ffx.params_of(model)
+    groups = ffx.heads(params, num_heads=4, num_kv_heads=2, model=model)
+    attn = "model.layers.0.self_attn."
+    assert set(groups) == {attn + p + "_proj.weight" for p in "qkvo"}
+    rows = {attn + "q_proj.weight": index_bits(8, 8, axis=0), attn + "k_proj.weight": index_bits(4, 8, axis=0),
+            attn + "v_proj.weight": index_bits(4, 8, axis=0), attn + "o_proj.weight": index_bits(8, 8, axis=1)}
+    values = ffx.reduce_groups(rows, groups)
+    assert values[attn + "q_proj.weight"].shape == (4,) and values[attn + "o_proj.weight"].shape == (4,)
+    assert values[attn + "k_proj.weight"].shape == (2,) and values[attn + "v_proj.weight"].shape == (2,)
+    for h in range(4):
+        assert covered(values[attn + "q_proj.weight"][h], copies=8) == {2 * h, 2 * h + 1}
+        assert covered(values[attn + "o_proj.weight"][h], copies=8) == {2 * h, 2 * h + 1}
+    for h in range(2):
+        assert covered(values[attn + "k_proj.weight"][h], copies=8) == {2 * h, 2 * h + 1}
+        assert covered(values[attn + "v_proj.weight"][h], copies=8) == {2 * h, 2 * h + 1}
+
+
+class MHANet(nn.Module):
+    def __init__(self, embed: int = 6, num_heads: int = 3, c: int = 4):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed, num_heads, batch_first=True)
+        self.head = nn.Linear(embed, c)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("split_qkv", [False, True])
+def test_heads_multihead_attention_in_proj(split_qkv):
+    model = build(MHANet, 0)  # embed 6, 3 heads of dim 2: in_proj_weight [18, 6]
+    params = ffx.params_of(model)
+    groups = ffx.heads(params, num_heads=3, model=model, split_qkv=split_qkv)
+    assert set(groups) == {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight"}
+    values = ffx.reduce_groups({"attn.in_proj_weight": index_bits(18, 6, axis=0),
+                                "attn.in_proj_bias": index_bits(18, axis=0),
+                                "attn.out_proj.weight": index_bits(6, 6, axis=1)}, groups)
+    for h in range(3):
+        assert covered(values["attn.out_proj.weight"][h], copies=6) == {2 * h, 2 * h + 1}
+        for s in range(3):
+            parts = (s,) if split_qkv else (0, 1, 2)
+            weight = values["attn.in_proj_weight"][s, h] if split_qkv else values["attn.in_proj_weight"][h]
+            bias = values["attn.in_proj_bias"][s, h] if split_qkv else values["attn.in_proj_bias"][h]
+            assert covered(weight, copies=6) == head_columns(h, 2, 3, parts)
+            assert covered(bias, copies=1) == head_columns(h, 2, 3, parts)
+    expected_shape = (3, 3) if split_qkv else (3,)
+    assert values["attn.in_proj_weight"].shape == expected_shape
+    # and the Fisher itself runs through the module under the estimator
+    batch = (randn(0, 2, 4, 6), randint(1, 4, 2, 4))
+    est = ffx.group_fisher(ffx.supervised(model, ffx.Categorical()), params, batch, groups, dtype=F64)
+    assert est.value["attn.in_proj_weight"].shape == expected_shape
+    assert all(bool((v > 0).all()) for v in est.value.values())
+
+
+def test_heads_names_as_a_list_or_a_mapping():
+    params = {"blk.query.weight": torch.zeros(6, 4), "blk.mix.weight": torch.zeros(4, 6)}
+    by_list = ffx.heads(params, num_heads=3, names=["blk.query.weight"])
+    assert by_list == {"blk.query.weight": ffx.Group("(h d) i -> h", {"h": 3})}
+    by_map = ffx.heads(params, num_heads=3, names={"blk.query.weight": "q", "blk.mix.weight": "o"})
+    assert by_map["blk.mix.weight"] == ffx.Group("o (h d) -> h", {"h": 3})
+
+
+# --- flat export ------------------------------------------------------------------------------------
+
+def test_to_flat_from_flat_round_trip(gpt2):
+    model, params = gpt2
+    groups = {**ffx.whole(params), **ffx.heads(params, num_heads=2, model=model, split_qkv=True)}
+    values = ffx.reduce_groups(probe(params), groups)
+    flat = ffx.to_flat(values)
+    assert_values_close(ffx.from_flat(flat), values, rtol=0, atol=0)
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert {k for k in flat if k.startswith(name + "|")} == {f"{name}|{s},{h}" for s in range(3) for h in range(2)}
+    torch.testing.assert_close(flat[f"{name}|2,1"], values[name][2, 1], rtol=0, atol=0)
+    assert "transformer.wte.weight|" in flat  # a whole-tensor group has an empty group index
+
+
+def test_to_flat_keys_for_channels():
+    values = {"fc.weight": torch.tensor([1.0, 2.0, 3.0])}
+    flat = ffx.to_flat(values)
+    assert_values_close(flat, {f"fc.weight|{i}": torch.tensor(i + 1.0) for i in range(3)}, rtol=0, atol=0)
+    assert ffx.to_flat(values, sep="/").keys() == {"fc.weight/0", "fc.weight/1", "fc.weight/2"}
