@@ -29,11 +29,11 @@ Row and column values are summed into groups with ``index_add`` by a group id pe
 """
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import vmap
+from torch.func import vjp, vmap
 
 from ._tap_layers import Use
 
@@ -205,4 +205,70 @@ def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None)
     return total
 
 
-__all__ = ["BUDGET", "Plan", "accumulate"]
+def position_units(use_list: list[Use], probes: list[tuple[bool, Tensor, Tensor]], t: int) -> list[Use]:
+    """Position mode: one unit per active position (``[N·T, 1]``, or ``[N·P, 1]`` for one use)."""
+    out = []
+    for u, (_, kept, pos) in zip(use_list, probes, strict=True):
+        n, p = u.a.shape[:2]
+        b = None if u.b is None else u.b(0, n)
+        if len(use_list) == 1:
+            flat = u.a.reshape(n * p, 1, *u.a.shape[2:])
+            b = None if b is None else b.reshape(n * p, 1, -1)
+        else:
+            slot = (torch.arange(n, device=pos.device)[:, None] * t + pos)[kept]
+            fill = -1 if u.form == "index" else 0
+            flat = torch.full((n * t, *u.a.shape[2:]), fill, dtype=u.a.dtype, device=u.a.device)
+            flat[slot] = u.a[kept]
+            flat = flat[:, None]
+            if b is not None:
+                bb = torch.zeros((n * t, b.shape[-1]), dtype=b.dtype, device=b.device)
+                bb[slot] = b[kept]
+                b = bb[:, None]
+        out.append(Use(u.form, flat, None if b is None else (lambda lo, hi, b=b: b[lo:hi]), u.size))
+    return out
+
+
+def make_plan(use_list: list[Use], request: Any, param: Tensor, dtype: torch.dtype) -> tuple[Plan, Callable | None]:
+    """The accumulation for one parameter, and the reduction to apply to its result (if any)."""
+    shape = tuple(param.shape)
+    vector = use_list[0].form == "vector"
+    theta = param.detach().to(dtype).reshape(use_list[0].size)
+    if request.reduce is None:
+        return Plan("diag"), None
+    groups = None if vector else group_ids(request.reduce, shape, use_list[0].size, param.device)
+    if request.mask:
+        if groups is None:
+            return Plan("mask", theta=theta, reduce=request.reduce, shape=shape), lambda v: v
+        axis, gid, count, out_shape = groups
+        plan = Plan("mask_" + axis, gid, count, theta)
+    else:
+        if groups is None:
+            return Plan("diag"), lambda d: request.reduce(d.reshape(shape))
+        axis, gid, count, out_shape = groups
+        plan = Plan(axis, gid, count)
+    return plan, lambda v: v.reshape(out_shape)
+
+
+def group_ids(reduce: Callable, shape: tuple[int, ...], size: tuple[int, ...], device) -> tuple | None:
+    """``("rows" | "cols", id per row/column, number of groups, group shape)``, or ``None`` where the
+    groups are not unions of whole rows or columns of the ``[o, i]`` layout.
+
+    ``reduce`` is a group sum (each entry in exactly one group), so its adjoint applied to the
+    group indices gives each entry its group's index.
+    """
+    out, pull = vjp(reduce, torch.zeros(shape, dtype=torch.float32, device=device))
+    count = out.numel()
+    ids = torch.arange(count, dtype=torch.float32 if count < 1 << 24 else torch.float64, device=device)
+    if ids.dtype != out.dtype:
+        out, pull = vjp(reduce, torch.zeros(shape, dtype=ids.dtype, device=device))
+    (gid,) = pull(ids.reshape(out.shape))
+    grid = gid.reshape(size[0], -1)
+    if bool((grid == grid[:, :1]).all()):
+        return "rows", grid[:, 0].long(), count, out.shape
+    if bool((grid == grid[:1]).all()):
+        return "cols", grid[0].long(), count, out.shape
+    return None
+
+
+__all__ = ["BUDGET", "Plan", "accumulate", "group_ids", "make_plan", "position_units"]
+

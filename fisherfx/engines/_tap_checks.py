@@ -1,0 +1,166 @@
+"""The tap engine's checks that a parameter's estimate from taps is exact.
+
+* :func:`graph_covered` (structure, no arithmetic): in the autograd graph of the forward, every
+  use of the parameter must lie inside a tapped call of a layer holding it. A weight also used in
+  a raw ``F.linear``, a parametrisation or another module's ``forward`` fails.
+* :func:`sums_match` (arithmetic, for layers whose forward is not PyTorch's own: subclasses,
+  HuggingFace layers): autograd's batch gradient must equal the sum of the taps' contributions,
+  compared through a random projection.
+* :func:`probe` (per-sample and per-position structure): the output gradient of a layer for the
+  output vector ``c ⊙ z`` must be the one for ``z`` scaled by the ``c`` of a single sample or
+  position.
+"""
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import _tap_layers as layers
+from ._tap_layers import Use
+
+# layers whose forward is PyTorch's own: the formulas of _tap_layers hold by construction
+TRUSTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of the arithmetic checks for a model computing in ``dtype``."""
+    return min(3 * torch.finfo(dtype).eps ** 0.5, 0.02)
+
+
+def trusted(module: nn.Module) -> bool:
+    """Whether ``module`` runs PyTorch's own forward of a supported layer (not a subclass's)."""
+    return type(module) in TRUSTED and "forward" not in vars(module)
+
+
+def _internal(node, stop) -> set:
+    """Autograd nodes created by one call: reachable from its output's node, not through its input."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current is None or current is stop or current in seen or hasattr(current, "variable"):
+            continue
+        seen.add(current)
+        stack.extend(child for child, _ in current.next_functions)
+    return seen
+
+
+def graph_covered(outputs: Tensor, calls: list, leaves: Mapping[str, Tensor],
+                  watch: frozenset = frozenset()) -> tuple[set[str], set[str], dict]:
+    """Parameters whose every use in the graph of ``outputs`` is inside a tapped call holding them.
+
+    Args:
+        outputs: the forward's outputs.
+        calls: the tapped calls, with ``node`` (their output's ``grad_fn``), ``stop`` (their input's)
+            and ``keys``.
+        leaves: ``{name: leaf tensor}`` the forward was evaluated at.
+        watch: nodes whose consumers (the nodes with an edge to them) are wanted.
+
+    Returns:
+        ``(covered, unused, consumers)``: the names whose uses all lie in tapped calls, the names not
+        in the graph at all (their gradient is zero), and ``{watched node: [consumer nodes]}``.
+
+    """
+    name_of = {id(t): name for name, t in leaves.items()}
+    parents: dict[str, set] = {name: set() for name in leaves}
+    consumers: dict = {node: [] for node in watch}
+    seen, stack = set(), [outputs.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child in consumers:
+                consumers[child].append(node)
+            variable = getattr(child, "variable", None)
+            if variable is None:
+                stack.append(child)
+            elif id(variable) in name_of:
+                parents[name_of[id(variable)]].add(node)
+    inside: dict[str, set] = {name: set() for name in leaves}
+    for call in calls:
+        nodes = _internal(call.node, call.stop)
+        for name in call.keys.values():
+            inside[name] |= nodes
+    unused = {name for name, p in parents.items() if not p}
+    return {name for name, p in parents.items() if p and p <= inside[name]}, unused, consumers
+
+
+def sums_match(use_list: list[Use], grad: Tensor | None, gen: torch.Generator, dtype: torch.dtype,
+               tol: float) -> bool:
+    """Whether the uses' summed contributions equal autograd's batch gradient ``grad``.
+
+    Compared through a random projection ``v`` of the columns: ``Σ_p a_p (b_p · v)`` against
+    ``grad v``, entrywise within ``tol`` times the sum of the absolute terms.
+    """
+    size = use_list[0].size
+    if grad is None:
+        grad = torch.zeros(size, dtype=dtype, device=use_list[0].a.device)
+    grad = grad.to(dtype).reshape(size[0], -1)
+    if use_list[0].form == "vector":
+        got = sum(u.a.sum((0, 1)) for u in use_list)
+        scale = sum(u.a.abs().sum((0, 1)) for u in use_list)
+        want, want_scale = grad[:, 0], grad[:, 0].abs()
+    else:
+        v = torch.randn(size[1], generator=gen, dtype=torch.float64, device=gen.device).to(grad)
+        got = torch.zeros(size[0], dtype=dtype, device=grad.device)
+        scale = torch.zeros_like(got)
+        for u in use_list:
+            bv = u.b(0, u.a.shape[0]).to(dtype) @ v  # [N, P]
+            if u.form == "outer":
+                a = u.a.to(dtype)
+                got += torch.einsum("npo,np->o", a, bv)
+                scale += torch.einsum("npo,np->o", a.abs(), bv.abs())
+            else:
+                keep = u.a >= 0
+                got.index_add_(0, u.a[keep], bv[keep])
+                scale.index_add_(0, u.a[keep], bv[keep].abs())
+        want, want_scale = grad @ v, grad.abs() @ v.abs()
+    return bool(((got - want).abs() <= tol * (scale + want_scale) + 1e-30).all())
+
+
+def probe(calls: list, check: list[int], outputs: Tensor, active: Tensor, backward: Callable[[Tensor], None],
+          per_position: bool, k: layers.Kinds, tol: float) -> dict[int, tuple[bool, Tensor, Tensor]]:
+    """Which calls scale their output gradient by a single position's (or sample's) scalar.
+
+    Two backwards, of a random ``z`` (zero at inactive positions) and of ``c ⊙ z`` with random
+    ``c`` per sample and position (per sample only, unless ``per_position``). A call passes when,
+    at each of its positions ``p`` of sample ``n``, the second gradient is ``c_{n,t}`` times the first
+    for some position ``t`` of the same sample, and (``per_position``) no two positions with a
+    non-zero gradient share a ``t``.
+
+    Returns:
+        ``{call index: (ok, kept [N, P], position [N, P])}``: ``kept`` marks the layer positions
+        with a non-zero gradient, ``position`` the canonical position ``t`` each one feeds.
+
+    """
+    n, t = active.shape
+    gen = torch.Generator(device=outputs.device).manual_seed(0)
+    z = torch.randn(outputs.shape, generator=gen, dtype=torch.float64, device=gen.device).to(outputs)
+    z = z * active[..., None].to(z.dtype)
+    c = 1 + torch.rand((n, t if per_position else 1), generator=gen, dtype=torch.float64, device=gen.device)
+    backward(z)
+    before = {i: layers.out_view(calls[i].module, calls[i].g, k) for i in check if calls[i].g is not None}
+    backward(z * c.expand(n, t)[..., None].to(z.dtype))
+    out = {}
+    for i in check:
+        g0, g1 = before.get(i), calls[i].g
+        if g0 is None or g1 is None:
+            continue
+        g0, g1 = g0.to(torch.float64), layers.out_view(calls[i].module, g1, k).to(torch.float64)
+        gg, gp, pp = (g0 * g0).sum(-1), (g1 * g0).sum(-1), (g1 * g1).sum(-1)  # [N, P]
+        res = pp[..., None] - 2 * c[:, None] * gp[..., None] + c[:, None] ** 2 * gg[..., None]  # [N, P, t]
+        pos = res.argmin(-1)
+        cp = torch.gather(c, 1, pos)
+        err = ((g1 - cp[..., None] * g0) ** 2).sum(-1)
+        scale = pp + cp**2 * gg
+        ok = bool((err <= tol**2 * (scale + 1e-6 * scale.max())).all())
+        kept = gg > 0
+        slots = (torch.arange(n, device=pos.device)[:, None] * t + pos)[kept]
+        ok = ok and (not per_position or slots.unique().numel() == slots.numel())
+        out[i] = (ok, kept, pos)
+    return out
+
+
+__all__ = ["TRUSTED", "graph_covered", "probe", "sums_match", "tolerance", "trusted"]
