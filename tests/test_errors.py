@@ -308,11 +308,11 @@ def test_n_samples_below_one_or_not_an_integer(setup, n_samples):
         ffx.diag_fisher(problem, params, batch, kind="mc", n_samples=n_samples)
 
 
-@pytest.mark.parametrize("chunk_size", [0, -2])
-def test_chunk_size_below_one(setup, chunk_size):
+@pytest.mark.parametrize("chunk_size", [0, -2, 1.5])
+def test_chunk_size_below_one_or_not_an_integer(setup, chunk_size):
     problem, params, batch = setup
-    with pytest.raises(ffx.FisherError, match=re.escape(f"chunk_size must be a positive integer or None, got "
-                                                        f"{chunk_size!r}")):
+    with pytest.raises(ffx.FisherError, match=re.escape(f"diag_fisher: chunk_size must be a positive integer or "
+                                                        f"None, got {chunk_size!r}")):
         ffx.diag_fisher(problem, params, batch, chunk_size=chunk_size)
 
 

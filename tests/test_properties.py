@@ -38,6 +38,7 @@ from tests.strategies import (
 
 KINDS = ("empirical", "mc", "exact")
 PERS = ("sample", "token")
+ENGINES = ("auto", "generic")  # auto: the tap engine for every layer these models have
 F64 = torch.float64
 D, C = 3, 4  # input features and outputs per position of the sequence model
 
@@ -70,14 +71,15 @@ def rows(batch: tuple, index) -> tuple:
 
 # --- diagonal ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("per", PERS)
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(spec=seq_specs(), likelihood=st.sampled_from(sorted(LIKELIHOODS)))
-def test_diagonal_is_nonnegative(kind, per, spec, likelihood):
+def test_diagonal_is_nonnegative(kind, per, engine, spec, likelihood):
     problem, params = seq_problem(spec.seed, LIKELIHOODS[likelihood])
     est = ffx.diag_fisher(problem, params, likelihood_batch(likelihood, spec), kind=kind, per=per, n_samples=2,
-                          generator=generator(spec.seed), dtype=F64)
+                          generator=generator(spec.seed), dtype=F64, engine=engine)
     for name, value in est.value.items():
         assert value.shape == params[name].shape, name
         assert bool((value >= 0).all()), f"{name}: negative diagonal entries {value[value < 0]}"
@@ -118,20 +120,22 @@ def group_spec(kind: str, params, num_heads: int) -> dict:
 attention_sizes = st.tuples(st.integers(1, 3), st.integers(1, 2))  # heads, head dim
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("spec_kind", SPECS)
-@settings(max_examples=6)
+@settings(max_examples=5)
 @given(sizes=attention_sizes, spec=seq_specs(max_n=3, max_t=3), kind=st.sampled_from(KINDS))
-def test_group_sums_equal_diagonal_sums(spec_kind, sizes, spec, kind):
+def test_group_sums_equal_diagonal_sums(spec_kind, engine, sizes, spec, kind):
     h, dh = sizes
     model = build(lambda: AttentionNet(h * dh, h, C), spec.seed)
     problem, params = ffx.supervised(model, ffx.Categorical()), ffx.params_of(model)
     x = randn(spec.seed, spec.n, spec.t, h * dh)
     y = torch.where(spec.mask, randint(spec.seed, C, spec.n, spec.t), -100)
     groups = group_spec(spec_kind, params, h)
-    options = {"kind": kind, "generator": generator(spec.seed), "dtype": F64}
-    diag = ffx.diag_fisher(problem, params, (x, y), **options)
-    options["generator"] = generator(spec.seed)
-    grouped = ffx.group_fisher(problem, params, (x, y), groups, **options)
+    options = {"kind": kind, "dtype": F64}
+    # the reference diagonal always from the generic engine; the group sums from the engine under test
+    diag = ffx.diag_fisher(problem, params, (x, y), generator=generator(spec.seed), engine="generic", **options)
+    grouped = ffx.group_fisher(problem, params, (x, y), groups, generator=generator(spec.seed), engine=engine,
+                               **options)
     expected = {}
     for name, g in groups.items():
         g = ffx.Group(g) if isinstance(g, str) else g
@@ -169,10 +173,11 @@ def test_expand_groups_broadcasts_each_group_value(spec_kind, sizes, seed):
 
 # --- padding and normalisation ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("via", ["ignore_index", "mask", "row_mask"])
-@settings(max_examples=6)
+@settings(max_examples=5)
 @given(spec=seq_specs(max_n=3), extra=st.integers(1, 3), per=st.sampled_from(PERS), data=st.data())
-def test_token_fisher_ignores_fully_padded_rows(via, spec, extra, per, data):
+def test_token_fisher_ignores_fully_padded_rows(via, engine, spec, extra, per, data):
     problem, params = seq_problem(spec.seed)
     x, y = seq_batch(spec, D, C)
     x_pad = randn(spec.seed + 2, extra, spec.t, D)
@@ -189,8 +194,9 @@ def test_token_fisher_ignores_fully_padded_rows(via, spec, extra, per, data):
         base, padded = (x, y), (torch.cat([x, x_pad]), torch.cat([y, y_pad]), row_mask)
     perm = torch.tensor(data.draw(st.permutations(range(spec.n + extra))))
     padded = rows(padded, perm)
-    expected = ffx.diag_fisher(problem, params, base, per=per, normalize="tokens", dtype=F64)
-    got = ffx.diag_fisher(problem, params, padded, per=per, normalize="tokens", dtype=F64)
+    options = {"per": per, "normalize": "tokens", "dtype": F64, "engine": engine}
+    expected = ffx.diag_fisher(problem, params, base, **options)
+    got = ffx.diag_fisher(problem, params, padded, **options)
     assert int(got.count) == int(spec.mask.sum()) == int(expected.count)
     assert_values_close(got.value, expected.value, **SAME_MATH_F64)
 
@@ -204,10 +210,11 @@ def lm_lengths(draw, max_n: int = 3, max_t: int = 5) -> tuple[int, list[int]]:
     return t, lengths
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("via", ["attention_mask", "labels"])
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(tl=lm_lengths(), extra=st.integers(1, 2), seed=seeds, per=st.sampled_from(PERS), data=st.data())
-def test_token_fisher_ignores_fully_padded_rows_causal_lm(via, tl, extra, seed, per, data):
+def test_token_fisher_ignores_fully_padded_rows_causal_lm(via, engine, tl, extra, seed, per, data):
     t, lengths = tl
     model = build(tiny_gpt2, seed)
     problem, params = ffx.causal_lm(model), ffx.params_of(model)
@@ -223,16 +230,18 @@ def test_token_fisher_ignores_fully_padded_rows_causal_lm(via, tl, extra, seed, 
     padded = {"input_ids": torch.cat([ids, ids_pad])[perm],
               "attention_mask": torch.cat([mask, pad["attention_mask"]])[perm],
               "labels": torch.cat([ids, pad["labels"]])[perm]}
-    expected = ffx.diag_fisher(problem, params, base, per=per, normalize="tokens", dtype=F64)
-    got = ffx.diag_fisher(problem, params, padded, per=per, normalize="tokens", dtype=F64)
+    options = {"per": per, "normalize": "tokens", "dtype": F64, "engine": engine}
+    expected = ffx.diag_fisher(problem, params, base, **options)
+    got = ffx.diag_fisher(problem, params, padded, **options)
     assert int(got.count) == sum(length - 1 for length in lengths) == int(expected.count)
     assert_values_close(got.value, expected.value, **SAME_MATH_F64)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(tl=lm_lengths(), seed=seeds, per=st.sampled_from(PERS), normalize=st.sampled_from(["samples", "tokens"]))
-def test_left_and_right_padding_give_the_same_causal_lm_fisher(factory, tl, seed, per, normalize):
+def test_left_and_right_padding_give_the_same_causal_lm_fisher(factory, engine, tl, seed, per, normalize):
     t, lengths = tl
     model = build(factory, seed)
     problem, params = ffx.causal_lm(model), ffx.params_of(model)
@@ -242,7 +251,7 @@ def test_left_and_right_padding_give_the_same_causal_lm_fisher(factory, tl, seed
     right = torch.where(right_mask, tokens, randint(seed + 1, VOCAB, n, t))  # different pad ids on each side
     left = randint(seed + 2, VOCAB, n, t)
     left[left_mask] = tokens[right_mask]
-    options = {"per": per, "normalize": normalize, "dtype": F64}
+    options = {"per": per, "normalize": normalize, "dtype": F64, "engine": engine}
     got_right = ffx.diag_fisher(problem, params, {"input_ids": right, "attention_mask": right_mask.long()}, **options)
     got_left = ffx.diag_fisher(problem, params, {"input_ids": left, "attention_mask": left_mask.long()}, **options)
     assert int(got_left.count) == int(got_right.count)
@@ -258,16 +267,17 @@ def splits(draw, n: int) -> list[int]:
     return [0, *sorted(cuts), n]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("normalize", ["samples", "tokens"])
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(spec=seq_specs(max_n=5, min_n=2), kind=st.sampled_from(["empirical", "exact"]), per=st.sampled_from(PERS),
        data=st.data())
-def test_combine_and_running_sums_of_splits_equal_the_whole_batch(normalize, spec, kind, per, data):
+def test_combine_and_running_sums_of_splits_equal_the_whole_batch(normalize, engine, spec, kind, per, data):
     problem, params = seq_problem(spec.seed)
     batch = seq_batch(spec, D, C)
     cuts = data.draw(splits(spec.n))
     assume(all(spec.mask[a:b].any() for a, b in zip(cuts, cuts[1:])))
-    options = {"kind": kind, "per": per, "normalize": normalize, "dtype": F64}
+    options = {"kind": kind, "per": per, "normalize": normalize, "dtype": F64, "engine": engine}
     whole = ffx.diag_fisher(problem, params, batch, **options)
     parts = [ffx.diag_fisher(problem, params, rows(batch, slice(a, b)), **options) for a, b in zip(cuts, cuts[1:])]
     combined = ffx.combine(parts)
@@ -281,13 +291,14 @@ def test_combine_and_running_sums_of_splits_equal_the_whole_batch(normalize, spe
     assert_values_close(summed.value, whole.value, **SAME_MATH_F64)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("per", PERS)
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(spec=seq_specs(max_n=4, min_per_row=1), kind=st.sampled_from(["empirical", "exact"]))
-def test_batch_fisher_is_the_mean_of_single_sample_fishers(per, spec, kind):
+def test_batch_fisher_is_the_mean_of_single_sample_fishers(per, engine, spec, kind):
     problem, params = seq_problem(spec.seed)
     batch = seq_batch(spec, D, C)
-    options = {"kind": kind, "per": per, "dtype": F64}
+    options = {"kind": kind, "per": per, "dtype": F64, "engine": engine}
     whole = ffx.diag_fisher(problem, params, batch, **options)
     singles = [ffx.diag_fisher(problem, params, rows(batch, slice(i, i + 1)), **options) for i in range(spec.n)]
     mean = {k: sum(s.value[k] for s in singles) / spec.n for k in params}
@@ -295,27 +306,29 @@ def test_batch_fisher_is_the_mean_of_single_sample_fishers(per, spec, kind):
     assert_values_close(whole.value, mean, **SAME_MATH_F64)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(spec=seq_specs(max_n=5), per=st.sampled_from(PERS), data=st.data())
-def test_chunk_size_does_not_change_the_result(kind, spec, per, data):
+def test_chunk_size_does_not_change_the_result(kind, engine, spec, per, data):
     problem, params = seq_problem(spec.seed)
     batch = seq_batch(spec, D, C)
     chunk = data.draw(st.integers(1, spec.n + 1))
-    options = {"kind": kind, "per": per, "n_samples": 2, "dtype": F64}
+    options = {"kind": kind, "per": per, "n_samples": 2, "dtype": F64, "engine": engine}
     whole = ffx.diag_fisher(problem, params, batch, generator=generator(spec.seed), **options)
     chunked = ffx.diag_fisher(problem, params, batch, generator=generator(spec.seed), chunk_size=chunk, **options)
     assert_values_close(chunked.value, whole.value, **SAME_MATH_F64)
 
 
-@settings(max_examples=10)
+@pytest.mark.parametrize("engine", ENGINES)
+@settings(max_examples=8)
 @given(spec=seq_specs(max_n=5), kind=st.sampled_from(["empirical", "exact"]), per=st.sampled_from(PERS),
        data=st.data())
-def test_permuting_samples_changes_nothing(spec, kind, per, data):
+def test_permuting_samples_changes_nothing(engine, spec, kind, per, data):
     problem, params = seq_problem(spec.seed)
     batch = seq_batch(spec, D, C)
     perm = torch.tensor(data.draw(st.permutations(range(spec.n))))
-    options = {"kind": kind, "per": per, "dtype": F64}
+    options = {"kind": kind, "per": per, "dtype": F64, "engine": engine}
     expected = ffx.diag_fisher(problem, params, batch, **options)
     got = ffx.diag_fisher(problem, params, rows(batch, perm), **options)
     assert_values_close(got.value, expected.value, **SAME_MATH_F64)
@@ -380,27 +393,31 @@ def test_mc_different_seeds_give_different_results_categorical():
 
 # --- dtypes and storage -----------------------------------------------------------------------------
 
-@settings(max_examples=6)
+@pytest.mark.parametrize("engine", ENGINES)
+@settings(max_examples=5)
 @given(spec=seq_specs(), kind=st.sampled_from(KINDS))
-def test_float64_accumulation_of_a_float32_model(spec, kind):
+def test_float64_accumulation_of_a_float32_model(engine, spec, kind):
     problem, params = seq_problem(spec.seed, dtype=torch.float32)
     x, y = seq_batch(spec, D, C, dtype=torch.float32)
-    est32 = ffx.diag_fisher(problem, params, (x, y), kind=kind, generator=generator(spec.seed))
-    est64 = ffx.diag_fisher(problem, params, (x, y), kind=kind, generator=generator(spec.seed), dtype=F64)
+    est32 = ffx.diag_fisher(problem, params, (x, y), kind=kind, generator=generator(spec.seed), engine=engine)
+    est64 = ffx.diag_fisher(problem, params, (x, y), kind=kind, generator=generator(spec.seed), dtype=F64,
+                            engine=engine)
     assert all(v.dtype == torch.float32 for v in est32.value.values())
     assert all(v.dtype == F64 for v in est64.value.values())
     assert_values_close({k: v.float() for k, v in est64.value.items()}, est32.value, **SAME_MATH_F32)
 
 
-@settings(max_examples=6)
+@pytest.mark.parametrize("engine", ENGINES)
+@settings(max_examples=4)
 @given(spec=seq_specs(), kind=st.sampled_from(["empirical", "exact"]))
-def test_bfloat16_model_accumulates_in_float32(spec, kind):
+def test_bfloat16_model_accumulates_in_float32(engine, spec, kind):
     model16 = build(lambda: SeqModel(D, C), spec.seed, torch.bfloat16)
     model32 = build(lambda: SeqModel(D, C), spec.seed, torch.bfloat16).float()  # same bf16-rounded weights
     x, y = seq_batch(spec, D, C, dtype=torch.bfloat16)
-    est16 = ffx.diag_fisher(ffx.supervised(model16, ffx.Categorical()), ffx.params_of(model16), (x, y), kind=kind)
+    est16 = ffx.diag_fisher(ffx.supervised(model16, ffx.Categorical()), ffx.params_of(model16), (x, y), kind=kind,
+                            engine=engine)
     est32 = ffx.diag_fisher(ffx.supervised(model32, ffx.Categorical()), ffx.params_of(model32), (x.float(), y),
-                            kind=kind)
+                            kind=kind, engine="generic")
     for name, value in est16.value.items():
         assert value.dtype == torch.float32, name
         reference = est32.value[name]
