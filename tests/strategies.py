@@ -13,6 +13,8 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from fisherfx.testing import assert_tree_close
+
 # --- tolerances ---------------------------------------------------------------------------------
 
 # float64 end to end, the same maths in a different summation order (batch splits, chunks,
@@ -160,11 +162,8 @@ def seq_batch(spec: SeqSpec, d: int = 3, c: int = 4, dtype: torch.dtype = torch.
 
 # --- assertions ---------------------------------------------------------------------------------
 
-def assert_values_close(actual: Mapping[str, Tensor], expected: Mapping[str, Tensor], **tol) -> None:
-    """``assert_close`` per key (dtype and device included), naming the failing key."""
-    assert set(actual) == set(expected), f"keys differ: {sorted(actual)} vs {sorted(expected)}"
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], msg=lambda m, key=key: f"{key!r}: {m}", **tol)
+# ``assert_close`` per key (dtype and device included), naming every failing key: the public helper.
+assert_values_close = assert_tree_close
 
 
 def assert_values_differ(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> None:

@@ -11,10 +11,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fisherfx as ffx
+from fisherfx.testing import assert_tree_close
 from tests.strategies import (
     SAME_MATH_F64,
     VOCAB,
-    assert_values_close,
     build,
     randint,
     randn,
@@ -71,7 +71,7 @@ def test_channels(zoo, with_model):
     assert set(groups) == set(params)
     x = probe(params)
     expected = {k: CHANNELS[LAYOUT[k]](x[k]) for k in params}
-    assert_values_close(ffx.reduce_groups(x, groups), expected, **SAME_MATH_F64)
+    assert_tree_close(ffx.reduce_groups(x, groups), expected, **SAME_MATH_F64)
     assert ffx.reduce_groups(x, groups)["c_fc.weight"].shape == (6,)
 
 
@@ -84,14 +84,14 @@ def test_inputs(zoo, with_model):
     assert set(groups) == {k for k in params if k.endswith("weight")}  # biases have no input axis
     x = probe(params)
     expected = {k: INPUTS[LAYOUT[k]](x[k]) for k in groups}
-    assert_values_close(ffx.reduce_groups(x, groups), expected, **SAME_MATH_F64)
+    assert_tree_close(ffx.reduce_groups(x, groups), expected, **SAME_MATH_F64)
 
 
 def test_whole(zoo):
     _, params = zoo
     x = probe(params)
     got = ffx.reduce_groups(x, ffx.whole(params))
-    assert_values_close(got, {k: v.sum() for k, v in x.items()}, **SAME_MATH_F64)
+    assert_tree_close(got, {k: v.sum() for k, v in x.items()}, **SAME_MATH_F64)
     assert all(v.shape == () for v in got.values())
 
 
@@ -127,7 +127,7 @@ def test_channel_fisher_of_a_cnn_matches_the_diagonal():
     diag = ffx.diag_fisher(problem, params, batch, dtype=F64)
     grouped = ffx.group_fisher(problem, params, batch, ffx.channels(params, model=model), dtype=F64)
     expected = {k: CHANNELS[_CNN_LAYOUT[k]](diag.value[k]) for k in params}
-    assert_values_close(grouped.value, expected, **SAME_MATH_F64)
+    assert_tree_close(grouped.value, expected, **SAME_MATH_F64)
 
 
 # --- heads ------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_to_flat_from_flat_round_trip(gpt2):
     groups = {**ffx.whole(params), **ffx.heads(params, num_heads=2, model=model, split_qkv=True)}
     values = ffx.reduce_groups(probe(params), groups)
     flat = ffx.to_flat(values)
-    assert_values_close(ffx.from_flat(flat), values, rtol=0, atol=0)
+    assert_tree_close(ffx.from_flat(flat), values, rtol=0, atol=0)
     name = "transformer.h.0.attn.c_attn.weight"
     assert {k for k in flat if k.startswith(name + "|")} == {f"{name}|{s},{h}" for s in range(3) for h in range(2)}
     torch.testing.assert_close(flat[f"{name}|2,1"], values[name][2, 1], rtol=0, atol=0)
@@ -278,5 +278,5 @@ def test_to_flat_from_flat_round_trip(gpt2):
 def test_to_flat_keys_for_channels():
     values = {"fc.weight": torch.tensor([1.0, 2.0, 3.0])}
     flat = ffx.to_flat(values)
-    assert_values_close(flat, {f"fc.weight|{i}": torch.tensor(i + 1.0) for i in range(3)}, rtol=0, atol=0)
+    assert_tree_close(flat, {f"fc.weight|{i}": torch.tensor(i + 1.0) for i in range(3)}, rtol=0, atol=0)
     assert ffx.to_flat(values, sep="/").keys() == {"fc.weight/0", "fc.weight/1", "fc.weight/2"}

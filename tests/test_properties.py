@@ -13,6 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import fisherfx as ffx
+from fisherfx.testing import assert_tree_close
 from tests.strategies import (
     BITWISE,
     SAME_MATH_F32,
@@ -21,7 +22,6 @@ from tests.strategies import (
     AttentionNet,
     SeqModel,
     SeqSpec,
-    assert_values_close,
     assert_values_differ,
     build,
     generator,
@@ -140,7 +140,7 @@ def test_group_sums_equal_diagonal_sums(spec_kind, engine, sizes, spec, kind):
     for name, g in groups.items():
         g = ffx.Group(g) if isinstance(g, str) else g
         expected[name] = MANUAL[g.pattern](diag.value[name], g.sizes)
-    assert_values_close(grouped.value, expected, **SAME_MATH_F64)
+    assert_tree_close(grouped.value, expected, **SAME_MATH_F64)
     assert grouped.count == diag.count
     # every pattern here partitions its parameter, so the totals agree as well
     assert math.isclose(total(grouped.value), total({k: diag.value[k] for k in groups}), rel_tol=1e-10)
@@ -198,7 +198,7 @@ def test_token_fisher_ignores_fully_padded_rows(via, engine, spec, extra, per, d
     expected = ffx.diag_fisher(problem, params, base, **options)
     got = ffx.diag_fisher(problem, params, padded, **options)
     assert int(got.count) == int(spec.mask.sum()) == int(expected.count)
-    assert_values_close(got.value, expected.value, **SAME_MATH_F64)
+    assert_tree_close(got.value, expected.value, **SAME_MATH_F64)
 
 
 @st.composite
@@ -234,7 +234,7 @@ def test_token_fisher_ignores_fully_padded_rows_causal_lm(via, engine, tl, extra
     expected = ffx.diag_fisher(problem, params, base, **options)
     got = ffx.diag_fisher(problem, params, padded, **options)
     assert int(got.count) == sum(length - 1 for length in lengths) == int(expected.count)
-    assert_values_close(got.value, expected.value, **SAME_MATH_F64)
+    assert_tree_close(got.value, expected.value, **SAME_MATH_F64)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -255,7 +255,7 @@ def test_left_and_right_padding_give_the_same_causal_lm_fisher(factory, engine, 
     got_right = ffx.diag_fisher(problem, params, {"input_ids": right, "attention_mask": right_mask.long()}, **options)
     got_left = ffx.diag_fisher(problem, params, {"input_ids": left, "attention_mask": left_mask.long()}, **options)
     assert int(got_left.count) == int(got_right.count)
-    assert_values_close(got_left.value, got_right.value, **SAME_MATH_F64)
+    assert_tree_close(got_left.value, got_right.value, **SAME_MATH_F64)
 
 
 # --- batch splits -----------------------------------------------------------------------------------
@@ -282,13 +282,13 @@ def test_combine_and_running_sums_of_splits_equal_the_whole_batch(normalize, eng
     parts = [ffx.diag_fisher(problem, params, rows(batch, slice(a, b)), **options) for a, b in zip(cuts, cuts[1:])]
     combined = ffx.combine(parts)
     assert int(combined.count) == int(whole.count)
-    assert_values_close(combined.value, whole.value, **SAME_MATH_F64)
+    assert_tree_close(combined.value, whole.value, **SAME_MATH_F64)
     state = ffx.sum_init(parts[0])
     for part in parts:
         state = ffx.sum_update(state, part)
     summed = ffx.sum_value(state)
     assert int(summed.count) == int(whole.count)
-    assert_values_close(summed.value, whole.value, **SAME_MATH_F64)
+    assert_tree_close(summed.value, whole.value, **SAME_MATH_F64)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -303,7 +303,7 @@ def test_batch_fisher_is_the_mean_of_single_sample_fishers(per, engine, spec, ki
     singles = [ffx.diag_fisher(problem, params, rows(batch, slice(i, i + 1)), **options) for i in range(spec.n)]
     mean = {k: sum(s.value[k] for s in singles) / spec.n for k in params}
     assert int(whole.count) == spec.n
-    assert_values_close(whole.value, mean, **SAME_MATH_F64)
+    assert_tree_close(whole.value, mean, **SAME_MATH_F64)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -317,7 +317,7 @@ def test_chunk_size_does_not_change_the_result(kind, engine, spec, per, data):
     options = {"kind": kind, "per": per, "n_samples": 2, "dtype": F64, "engine": engine}
     whole = ffx.diag_fisher(problem, params, batch, generator=generator(spec.seed), **options)
     chunked = ffx.diag_fisher(problem, params, batch, generator=generator(spec.seed), chunk_size=chunk, **options)
-    assert_values_close(chunked.value, whole.value, **SAME_MATH_F64)
+    assert_tree_close(chunked.value, whole.value, **SAME_MATH_F64)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -331,7 +331,7 @@ def test_permuting_samples_changes_nothing(engine, spec, kind, per, data):
     options = {"kind": kind, "per": per, "dtype": F64, "engine": engine}
     expected = ffx.diag_fisher(problem, params, batch, **options)
     got = ffx.diag_fisher(problem, params, rows(batch, perm), **options)
-    assert_values_close(got.value, expected.value, **SAME_MATH_F64)
+    assert_tree_close(got.value, expected.value, **SAME_MATH_F64)
 
 
 # Gaussian(σ): exact and MC Fisher are JᵀJ/σ² (MC: y = f + σε with the same ε, so ∇ℓ = −Jᵀε/σ);
@@ -352,7 +352,7 @@ def test_gaussian_fisher_scales_with_sigma(kind, spec, sigma, per):
     scaled = ffx.diag_fisher(ffx.supervised(model, ffx.Gaussian(sigma)), params, batch,
                              generator=generator(spec.seed), **options)
     factor = sigma ** SIGMA_POWER[kind]
-    assert_values_close({k: v * factor for k, v in scaled.value.items()}, unit.value, **SAME_MATH_F64)
+    assert_tree_close({k: v * factor for k, v in scaled.value.items()}, unit.value, **SAME_MATH_F64)
 
 
 # --- Monte Carlo ------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_mc_same_generator_state_gives_identical_results(likelihood, spec, n_sam
     first = ffx.diag_fisher(problem, params, batch, generator=g, **options)
     after_first = g.get_state()
     second = ffx.diag_fisher(problem, params, batch, generator=generator(spec.seed), **options)
-    assert_values_close(second.value, first.value, **BITWISE)
+    assert_tree_close(second.value, first.value, **BITWISE)
     # the generator's state advanced: a second call on it draws new labels
     assert not torch.equal(after_first, generator(spec.seed).get_state())
 
@@ -404,7 +404,7 @@ def test_float64_accumulation_of_a_float32_model(engine, spec, kind):
                             engine=engine)
     assert all(v.dtype == torch.float32 for v in est32.value.values())
     assert all(v.dtype == F64 for v in est64.value.values())
-    assert_values_close({k: v.float() for k, v in est64.value.items()}, est32.value, **SAME_MATH_F32)
+    assert_tree_close({k: v.float() for k, v in est64.value.items()}, est32.value, **SAME_MATH_F32)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -437,13 +437,13 @@ def test_storage_dtype_device_and_count(normalize, spec):
     for est in (plain, stored):
         assert est.count.dtype == torch.int64 and est.count.shape == ()
         assert int(est.count) == expected_count
-    assert_values_close(stored.value, {k: v.to(torch.bfloat16) for k, v in plain.value.items()}, **BITWISE)
+    assert_tree_close(stored.value, {k: v.to(torch.bfloat16) for k, v in plain.value.items()}, **BITWISE)
     assert all(v.device == torch.device("cpu") for v in stored.value.values())
     groups = ffx.channels(params)
     grouped = ffx.group_fisher(problem, params, batch, groups, normalize=normalize, storage_dtype=torch.bfloat16,
                                device="cpu")
     assert int(grouped.count) == expected_count
-    assert_values_close(grouped.value, {k: v.to(torch.bfloat16) for k, v in
+    assert_tree_close(grouped.value, {k: v.to(torch.bfloat16) for k, v in
                                         ffx.reduce_groups(plain.value, groups).items()}, **BITWISE)
 
 
@@ -466,7 +466,7 @@ def test_ema_of_a_constant_estimate_is_that_constant_after_bias_correction(decay
     for _ in range(steps):
         state = ffx.ema_update(state, const)
     assert int(state.step) == steps
-    assert_values_close(ffx.ema_value(state), const.value, **EMA_F32)
+    assert_tree_close(ffx.ema_value(state), const.value, **EMA_F32)
 
 
 @settings(max_examples=15)
@@ -481,8 +481,8 @@ def test_ema_updates_never_mutate_their_inputs(decay, steps, seed):
         new = ffx.ema_update(state, est)
         ffx.ema_value(new)
         ffx.ema_value(new, bias_corrected=False)
-        assert_values_close(state.mean, before_state, **BITWISE)
-        assert_values_close(est.value, before_est, **BITWISE)
+        assert_tree_close(state.mean, before_state, **BITWISE)
+        assert_tree_close(est.value, before_est, **BITWISE)
         assert int(state.step) == int(before_step) and int(est.count) == k + 1
         assert_values_differ(new.mean, state.mean)  # the update did something
         state = new
@@ -497,5 +497,5 @@ def test_ema_value_without_bias_correction_is_m_k(decay, steps, seed):
     for est in ests:
         state = ffx.ema_update(state, est)
         m = {n: decay * m[n] + (1 - decay) * est.value[n] for n in m}
-    assert_values_close(ffx.ema_value(state, bias_corrected=False), m, **SAME_MATH_F64)
-    assert_values_close(ffx.ema_value(state), {n: v / (1 - decay**steps) for n, v in m.items()}, **SAME_MATH_F64)
+    assert_tree_close(ffx.ema_value(state, bias_corrected=False), m, **SAME_MATH_F64)
+    assert_tree_close(ffx.ema_value(state), {n: v / (1 - decay**steps) for n, v in m.items()}, **SAME_MATH_F64)
