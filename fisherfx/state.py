@@ -91,7 +91,11 @@ def ema_init(like: "Estimate | Mapping[str, Tensor]", decay: float = 0.99) -> EM
     """``m_0 = 0``, step 0. ``like`` (an estimate or a ``{name: tensor}``) gives names, shapes,
     devices only.
     """
-    if not isinstance(decay, (int, float)) or not 0.0 < float(decay) < 1.0:
+    if isinstance(decay, Tensor) and decay.numel() == 1:
+        decay = decay.item()
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+        raise FisherError(f"ema_init: decay must be a number in (0, 1), got {type(decay).__name__} {decay!r}")
+    if not 0.0 < float(decay) < 1.0:
         raise FisherError(f"ema_init: decay must be in (0, 1), got {decay!r}")
     values = _names_shapes(like)
     mean = {k: torch.zeros(v.shape, dtype=_acc_dtype(v), device=v.device) for k, v in values.items()}
@@ -113,7 +117,7 @@ def ema_value(state: EMAState, bias_corrected: bool = True) -> Values:
     if k == 0:
         raise FisherError("ema_value: the EMA has had no update yet (step 0); call ema_update first")
     if not bias_corrected:
-        return dict(state.mean)
+        return {name: m.clone() for name, m in state.mean.items()}  # the state stays untouched
     correction = 1.0 - float(state.decay) ** k
     return {name: m / correction for name, m in state.mean.items()}
 
