@@ -75,6 +75,7 @@ class _Call:
         self.module, self.x, self.y, self.keys = module, x.detach(), y, keys
         self.node, self.stop = y.grad_fn, x.grad_fn  # the call's nodes lie between these two
         self.version = y._version  # an in-place change of the output afterwards changes it
+        self.x_version = x._version  # an in-place change of the input would change what was kept
         self.broadcast = y.ndim > 0 and y.shape[0] == 1 and n > 1
         if self.broadcast:
             self.x = self.x.expand(n, *self.x.shape[1:]) if self.x.ndim > 0 and self.x.shape[0] == 1 else self.x
@@ -189,7 +190,7 @@ NO_LAYER = ("no supported layer holds it (Linear, Conv1d/Conv2d with groups=1, E
 OUTSIDE = "its gradient does not all come through tapped layers (also used in other operations)"
 MIXING = ("its layer's output at one position feeds the losses of several positions (per='token' and "
           "kind='exact' with sequences need each position's gradient on its own)")
-NO_SAMPLES = "its layer's input does not have the sample axis first"
+NO_SAMPLES = "its layer's input cannot be read per sample (no sample axis first, or changed in place after the call)"
 MIXED_FORMS = "it is shared by layers whose contributions cannot be combined (a norm weight and a matrix)"
 
 
@@ -277,7 +278,8 @@ def estimate(
                 view = None if call.g is None else layers.out_view(call.module, call.g, k)
                 if view is None:
                     continue
-                made = {} if view.shape[0] != n else layers.uses(call.module, call.x, view, call.keys, k, dtype)
+                usable = view.shape[0] == n and call.x._version == call.x_version
+                made = layers.uses(call.module, call.x, view, call.keys, k, dtype) if usable else {}
                 for name in call.keys.values():
                     if name in made:
                         found.setdefault(name, []).append((i, made[name]))
@@ -331,7 +333,7 @@ def estimate(
     for name in zero:
         z = torch.zeros_like(params[name], dtype=dtype)
         out[name] = z if requests[name].reduce is None else requests[name].reduce(z)
-    return Result(out, {name: why for name, why in missing.items() if name not in out})
+    return Result(out, {name: missing[name] for name in requests if name in missing and name not in out})
 
 
 __all__ = ["Request", "Result", "estimate"]
