@@ -194,6 +194,89 @@ NO_SAMPLES = "its layer's input cannot be read per sample (no sample axis first,
 MIXED_FORMS = "it is shared by layers whose contributions cannot be combined (a norm weight and a matrix)"
 
 
+class _Run:
+    """One forward's graph and tapped calls: the backwards through it and the uses they give."""
+
+    def __init__(self, outputs: Tensor, tape: _Tape, leaves: dict[str, Tensor], k: layers.Kinds, n: int,
+                 dtype: torch.dtype):
+        self.outputs, self.tape, self.leaves, self.k, self.n, self.dtype = outputs, tape, leaves, k, n, dtype
+        self.calls = tape.calls
+        self.stops: list[Tensor] = []
+
+    def covered(self, order: list[str], missing: dict[str, str]) -> tuple[list[str], set[str]]:
+        """Graph check; keep the calls of covered parameters and decide where backwards stop.
+
+        Returns:
+            The covered names (in order) and the names the forward does not use (zero gradient).
+
+        """
+        watch = frozenset(c.node for c in self.calls if c.broadcast)
+        covered, zero, consumers = checks.graph_covered(self.outputs, self.calls, self.leaves, watch)
+        missing.update({name: OUTSIDE for name in order if name not in covered and name not in zero})
+        todo = [name for name in order if name in covered]
+        self.calls = [c for c in self.calls if set(c.keys.values()) & set(todo)]
+        for c in self.calls:
+            if c.broadcast and len(consumers[c.node]) == 1:
+                self.tape.handles.append(consumers[c.node][0].register_prehook(c.grab_consumer))
+        # backwards stop at the tapped outputs (no weight gradients), except at outputs changed in place
+        stops = {id(c.y): c.y for c in self.calls if c.y._version == c.version}
+        stops.update({id(self.leaves[m]): self.leaves[m] for c in self.calls if c.y._version != c.version
+                      for m in c.keys.values()})
+        self.stops = list(stops.values())
+        return todo, zero
+
+    def untrusted(self, todo: list[str]) -> list[str]:
+        """The names held by a layer whose forward is not PyTorch's own."""
+        return [name for name in todo if any(name in c.keys.values() and not checks.trusted(c.module)
+                                             for c in self.calls)]
+
+    def backward(self, v: Tensor, extra: tuple = ()) -> tuple:
+        """Backward of ``Σ v ⊙ outputs``: fills each call's ``g``; returns the gradients of ``extra``."""
+        for call in self.calls:
+            call.g = call.total = None
+        if not self.stops and not extra:
+            return ()
+        grads = torch.autograd.grad(self.outputs, [*self.stops, *extra], grad_outputs=v, retain_graph=True,
+                                    allow_unused=True)
+        return grads[len(self.stops):]
+
+    def uses(self, missing: dict[str, str]) -> dict[str, list[tuple[int, Use]]]:
+        """``{name: [(call index, Use)]}`` of the last backward; unreadable calls flag their names."""
+        found: dict[str, list[tuple[int, Use]]] = {}
+        for i, call in enumerate(self.calls):
+            view = None if call.g is None else layers.out_view(call.module, call.g, self.k)
+            if view is None:
+                continue
+            usable = view.shape[0] == self.n and call.x._version == call.x_version
+            made = layers.uses(call.module, call.x, view, call.keys, self.k, self.dtype) if usable else {}
+            for name in call.keys.values():
+                if name in made:
+                    found.setdefault(name, []).append((i, made[name]))
+                else:
+                    missing.setdefault(name, NO_SAMPLES)
+        return found
+
+    def first_draw(self, todo: list[str], v: Tensor, missing: dict[str, str], tol: float) -> dict:
+        """The first backward, with the arithmetic checks (broadcast calls, non-PyTorch layers)."""
+        untrusted = self.untrusted(todo)
+        grads = dict(zip(untrusted, self.backward(v, tuple(self.leaves[m] for m in untrusted)), strict=True))
+        for c in self.calls:
+            if c.broadcast and not _broadcast_ok(c, self.n, tol):
+                c.g = None
+                _flag(missing, c.keys, NO_SAMPLES)
+        found = self.uses(missing)
+        gen = torch.Generator(device=v.device).manual_seed(0)
+        for name in todo:
+            use_list = [u for _, u in found.get(name, [])]
+            if not use_list:
+                missing.setdefault(name, OUTSIDE)
+            elif len({(u.form == "vector", u.size) for u in use_list}) > 1:
+                missing.setdefault(name, MIXED_FORMS)
+            elif name in grads and not checks.sums_match(use_list, grads[name], gen, self.dtype, tol):
+                missing.setdefault(name, OUTSIDE)
+        return found
+
+
 def estimate(
     problem: Problem,
     params: Mapping[str, Tensor],
@@ -208,6 +291,9 @@ def estimate(
     where: str = "taps",
 ) -> Result:
     """Sums over units of the requested estimators, for the parameters the taps can serve.
+
+    Units are samples, or active positions for ``per="token"`` and ``kind="exact"`` when ``T > 1``
+    (and some sample has more than one active position).
 
     Args:
         problem: the problem.
@@ -237,7 +323,8 @@ def estimate(
         return Result({}, missing)
     leaves = {name: params[name].detach().requires_grad_() for name in order}
     values = {**dict(model.named_buffers()), **{n: p.detach() for n, p in params.items()}, **leaves}
-    n, t = prepared.active.shape
+    active = prepared.active
+    n, t = active.shape
     device = leaves[order[0]].device
     with _tapped(model, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
         with _rng_guard(where, device):
@@ -247,85 +334,33 @@ def estimate(
             raise FisherError(f"{where}: the model's outputs for sample {int((~finite).nonzero()[0, 0])} "
                               "are not finite")
         vectors = _vectors(problem, outputs, prepared, kind, noise)
-        calls = tape.calls
-        watch = frozenset(c.node for c in calls if c.broadcast)
-        covered, zero, consumers = checks.graph_covered(outputs, calls, leaves, watch)
-        missing.update({name: OUTSIDE for name in order if name not in covered and name not in zero})
-        todo = [name for name in order if name in covered]
-        calls = [c for c in calls if set(c.keys.values()) & set(todo)]
-        for c in calls:
-            if c.broadcast and len(consumers[c.node]) == 1:
-                tape.handles.append(consumers[c.node][0].register_prehook(c.grab_consumer))
-        untrusted = [name for name in todo if any(name in c.keys.values() and not checks.trusted(c.module)
-                                                  for c in calls)]
-        # the backwards stop at the tapped outputs (no weight gradients), except for outputs changed in place
-        stops = {id(c.y): c.y for c in calls if c.y._version == c.version}
-        stops.update({id(leaves[m]): leaves[m] for c in calls if c.y._version != c.version for m in c.keys.values()})
-        stops = list(stops.values())
-
-        def backward(v: Tensor, extra: tuple = ()) -> tuple:
-            for call in calls:
-                call.g = call.total = None
-            if not stops and not extra:
-                return ()
-            grads = torch.autograd.grad(outputs, [*stops, *extra], grad_outputs=v, retain_graph=True,
-                                        allow_unused=True)
-            return grads[len(stops):]
-
-        def uses_of_draw() -> dict[str, list[tuple[int, Use]]]:
-            found: dict[str, list[tuple[int, Use]]] = {}
-            for i, call in enumerate(calls):
-                view = None if call.g is None else layers.out_view(call.module, call.g, k)
-                if view is None:
-                    continue
-                usable = view.shape[0] == n and call.x._version == call.x_version
-                made = layers.uses(call.module, call.x, view, call.keys, k, dtype) if usable else {}
-                for name in call.keys.values():
-                    if name in made:
-                        found.setdefault(name, []).append((i, made[name]))
-                    else:
-                        missing.setdefault(name, NO_SAMPLES)
-            return found
-
-        grads = dict(zip(untrusted, backward(vectors[0], tuple(leaves[m] for m in untrusted)), strict=True))
+        run = _Run(outputs, tape, leaves, k, n, dtype)
+        todo, zero = run.covered(order, missing)
         tol = checks.tolerance(outputs.dtype)
-        for c in calls:
-            if c.broadcast and not _broadcast_ok(c, n, tol):
-                c.g = None
-                _flag(missing, c.keys, NO_SAMPLES)
-        first = uses_of_draw()
-        gen = torch.Generator(device=device).manual_seed(0)
-        for name in todo:
-            found = [u for _, u in first.get(name, [])]
-            if not found:
-                missing.setdefault(name, OUTSIDE)
-            elif len({(u.form == "vector", u.size) for u in found}) > 1:
-                missing.setdefault(name, MIXED_FORMS)
-            elif name in grads and not checks.sums_match(found, grads[name], gen, dtype, tol):
-                missing.setdefault(name, OUTSIDE)
+        found = run.first_draw(todo, vectors[0], missing, tol)
         todo = [name for name in todo if name not in missing]
-        per_position = t > 1 and (per == "token" or kind == "exact") and int(prepared.active.sum(1).max()) > 1
-        check = sorted({i for name in todo for i, _ in first[name]
-                        if per_position or n in layers.position_shape(calls[i].module, calls[i].y, k)})
-        probes = checks.probe(calls, check, outputs, prepared.active, backward, per_position, k, tol) if check else {}
+        per_position = t > 1 and (per == "token" or kind == "exact") and int(active.sum(1).max()) > 1
+        check = sorted({i for name in todo for i, _ in found[name]
+                        if per_position or n in layers.position_shape(run.calls[i].module, run.calls[i].y, k)})
+        probes = checks.probe(run.calls, check, outputs, active, run.backward, per_position, k, tol) if check else {}
         for name in todo:
-            if any(i in check and not probes.get(i, (False,))[0] for i, _ in first[name]):
+            if any(i in check and not probes.get(i, (False,))[0] for i, _ in found[name]):
                 missing.setdefault(name, MIXING if per_position else NO_SAMPLES)
         todo = [name for name in todo if name not in missing]
-        plans = {name: make_plan([u for _, u in first[name]], requests[name], params[name], dtype) for name in todo}
+        plans = {name: make_plan([u for _, u in found[name]], requests[name], params[name], dtype) for name in todo}
         cap = chunk_size * t if chunk_size is not None and per_position else chunk_size
-        sums: dict[str, Tensor] = {}
+        sums = {name: torch.zeros((), dtype=dtype, device=device) for name in todo}
         for r in range(vectors.shape[0]):
             if r > 0:
-                backward(vectors[r])
-                first = uses_of_draw()
+                run.backward(vectors[r])
+                found = run.uses({})
             for name in todo:
-                use_list = [u for _, u in first[name]]
+                use_list = [u for _, u in found.get(name, [])]
                 if per_position:
-                    use_list = position_units(use_list, [probes[i] for i, _ in first[name]], t)
-                value = accumulate(use_list, plans[name][0], dtype, cap)
-                sums[name] = value if name not in sums else sums[name] + value
-            first = {}
+                    use_list = position_units(use_list, [probes[i] for i, _ in found.get(name, [])], t)
+                if use_list:
+                    sums[name] = sums[name] + accumulate(use_list, plans[name][0], dtype, cap)
+            found = {}
     out = {}
     for name in todo:
         post = plans[name][1]
