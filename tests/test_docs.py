@@ -24,6 +24,6 @@ def test_example_runs(path, monkeypatch):
 def test_demo_runs(capsys):
     from fisherfx.cli import main
 
-    main(["demo", "--seconds", "0.2", "--top", "2"])
+    main(["demo", "--epochs", "1", "--top", "2"])
     out = capsys.readouterr().out
     assert "EMA" in out and "top 2 output channels" in out
