@@ -126,7 +126,7 @@ def _store(est: Estimate, storage_dtype: torch.dtype | None, device) -> Estimate
 
 def _squares(dtype: torch.dtype):
     def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: (v.to(dtype) ** 2).sum(0) for k, v in vectors.items()}
+        return {k: torch.einsum("j...,j...->...", v.to(dtype), v.to(dtype)) for k, v in vectors.items()}
 
     return reduce
 
@@ -205,7 +205,8 @@ def diag_fisher(
             inputs and output gradients from batched passes, see :mod:`fisherfx.engines.taps`; raises
             for parameters it cannot serve) or ``"auto"`` (taps where they serve, generic for the rest).
         dtype: accumulation dtype, float32 or float64, whatever the model's dtype.
-        chunk_size: samples per vectorised call, to bound memory (``None``: the whole batch).
+        chunk_size: samples per vectorised call of the generic engine, to bound memory (``None``:
+            as many as keep one chunk's gradient vectors under 256 MiB).
         storage_dtype: dtype of the returned values (e.g. ``torch.bfloat16``), default ``dtype``.
         device: device of the returned values (e.g. ``"cpu"`` to offload).
 

@@ -23,6 +23,25 @@ from .cotangents import Kind, position_vectors, sample_vectors
 
 Reducer = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
+#: Default bound on one chunk's gradient vectors ``B·J·P`` (bytes), used when ``chunk_size=None``.
+CHUNK_BYTES = 2**28
+
+
+def auto_chunk(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, kind: Kind, per: str,
+               noise: Tensor | None) -> int:
+    """Samples per chunk so that a chunk's ``[B, J, *P]`` vectors stay under :data:`CHUNK_BYTES`."""
+    t = prepared.active.shape[1]
+    if kind == "exact":  # T·C vectors per sample; C from one sample's outputs
+        first = _take(prepared.inputs, 0, 1)
+        with torch.no_grad():
+            c = problem.forward(problem.model, {**dict(problem.model.named_buffers()), **params}, first).shape[-1]
+        j = t * c
+    else:
+        r = 1 if noise is None else noise.shape[0]
+        j = r * t if per == "token" else r
+    per_sample = j * sum(p.numel() * p.element_size() for p in params.values())
+    return max(1, CHUNK_BYTES // max(per_sample, 1))
+
 
 def _take(tree: Any, start: int, stop: int) -> Any:
     return map_tensors(lambda x: x[start:stop], tree)
@@ -65,7 +84,8 @@ def map_samples(
         kind: ``"empirical" | "mc" | "exact"``.
         per: ``"sample" | "token"``.
         noise: ``[S, N, ...]`` for ``kind="mc"``, else ``None``.
-        chunk_size: samples per ``vmap`` call (``None``: all at once).
+        chunk_size: samples per ``vmap`` call (``None``: as many as keep one chunk's vectors
+            under :data:`CHUNK_BYTES`, see :func:`auto_chunk`).
         stack: stack the per-sample results ``[N, ...]`` instead of summing them.
 
     Returns:
@@ -85,11 +105,15 @@ def map_samples(
         out, pull = vjp(outputs_of, params)
         u = position_vectors(likelihood, out, targets, active, kind, z)  # [R, T, C]
         u = sample_vectors(u, kind, per).to(out.dtype)  # [J, T, C]
-        (vectors,) = vmap(pull)(u)  # {name: [J, *P]}
+        if u.shape[0] == 1:  # one vector (empirical or one MC draw per sample): no inner vmap
+            (vectors,) = pull(u[0])
+            vectors = {k: v[None] for k, v in vectors.items()}  # {name: [1, *P]}
+        else:
+            (vectors,) = vmap(pull)(u)  # {name: [J, *P]}
         return reduce(vectors), torch.isfinite(out).all()
 
     n = prepared.active.shape[0]
-    step = n if chunk_size is None else int(chunk_size)
+    step = auto_chunk(problem, params, prepared, kind, per, noise) if chunk_size is None else int(chunk_size)
     if step < 1:
         raise FisherError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     in_dims = (0, 0, 0, None if noise is None else 1)
