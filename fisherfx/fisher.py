@@ -276,8 +276,8 @@ def _group_sums(where: str, problem: Problem, params: Mapping[str, Tensor], batc
     def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         return reduce_groups(squares(vectors), {k: checked[k] for k in vectors})
 
-    sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].reduce), reduce, kind=kind,
-                    per=per, engine=engine, dtype=dtype, chunk_size=chunk_size)
+    sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].pattern, checked[k].sizes), reduce,
+                    kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size)
     return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, None, None)
 
 
@@ -327,8 +327,8 @@ def mask_importance(
             out[name] = (projected**2).sum(0)
         return out
 
-    sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].reduce, mask=True), reduce,
-                    kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size)
+    sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].pattern, checked[k].sizes, mask=True),
+                    reduce, kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size)
     return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, None, None)
 
 

@@ -294,7 +294,7 @@ def test_groups_and_mask_importance_equal_generic(case, which, estimator):
     got = fn(problem, params, batch, groups, kind="mc", generator=generator(1), dtype=F64, engine="auto")
     want = fn(problem, params, batch, groups, kind="mc", generator=generator(1), dtype=F64, engine="generic")
     assert_values_close(got.value, want.value, **TAPS_VS_GENERIC)
-    requests = {k: taps.Request(ffx.Group(g.pattern, g.sizes).reduce, estimator == "mask") for k, g in groups.items()}
+    requests = {k: taps.Request(g.pattern, g.sizes, estimator == "mask") for k, g in groups.items()}
     sub = {k: params[k] for k in groups}
     assert served(problem, sub, batch, "mc", "sample", requests) == expected_served(case, sub, "mc", "sample", 1)
 

@@ -28,15 +28,19 @@ mask          ``Σ_u (Σ_{j∈g} θ_j G_{u,j})²`` (any groups)     ``G_u`` in c
 Row and column values are summed into groups with ``index_add`` by a group id per row/column.
 """
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import einops
 import torch
+from einops.parsing import ParsedExpression
 from torch import Tensor
-from torch.func import vjp, vmap
+from torch.func import vmap
 
 from ._tap_layers import Use
 
+_ELLIPSIS = "…"  # how einops' parser writes "..." in a composition
 BUDGET = 1 << 22  # elements of the largest temporary per chunk (per-unit gradients, Gram matrices)
 
 
@@ -143,6 +147,10 @@ def _projected(uses: list[Use], what: str, theta: Tensor, lo: int, hi: int, dtyp
     """``m_u`` ``[c, o]`` (rows) or ``[c, i]`` (cols): ``Σ_{i} θ ⊙ G_u`` along the other axis."""
     total = None
     for u in uses:
+        if u.form == "vector":  # rows of a [d] layout: θ ⊙ Σ_p a_p
+            m = u.a[lo:hi].to(dtype).sum(1) * theta
+            total = m if total is None else total + m
+            continue
         b = u.b(lo, hi).to(dtype)
         if u.form == "outer":
             a = u.a[lo:hi].to(dtype)
@@ -183,7 +191,7 @@ def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None)
         return torch.zeros(plan.groups, dtype=dtype, device=values.device).index_add_(0, plan.gid, values)
     units = uses[0].a.shape[0]
     theta = plan.theta.to(dtype)
-    if what == "mask" or {u.form for u in uses} & {"vector"}:
+    if what == "mask":
         size = uses[0].size
         step = _chunk(units, 2 * int(torch.Size(size).numel()), cap)
         total = None
@@ -194,8 +202,8 @@ def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None)
             total = part if total is None else total + part
         return total
     positions = sum(u.a.shape[1] for u in uses)
-    o, i = uses[0].size
-    step = _chunk(units, positions * (o + i) + o + i, cap)
+    width = sum(uses[0].size)  # o + i, or d for a vector
+    step = _chunk(units, (positions + 1) * width, cap)
     total = torch.zeros(plan.groups, dtype=dtype, device=theta.device)
     for lo in range(0, units, step):
         hi = min(lo + step, units)
@@ -229,46 +237,80 @@ def position_units(use_list: list[Use], probes: list[tuple[bool, Tensor, Tensor]
 
 
 def make_plan(use_list: list[Use], request: Any, param: Tensor, dtype: torch.dtype) -> tuple[Plan, Callable | None]:
-    """The accumulation for one parameter, and the reduction to apply to its result (if any)."""
+    """The accumulation for one parameter, and the reduction to apply to its result (if any).
+
+    ``request`` has ``pattern`` (an einops ``sum`` pattern over the parameter, or ``None`` for the
+    diagonal), ``sizes`` (its axis lengths) and ``mask``.
+    """
     shape = tuple(param.shape)
-    vector = use_list[0].form == "vector"
     theta = param.detach().to(dtype).reshape(use_list[0].size)
-    if request.reduce is None:
+    if request.pattern is None:
         return Plan("diag"), None
-    groups = None if vector else group_ids(request.reduce, shape, use_list[0].size, param.device)
-    if request.mask:
-        if groups is None:
-            return Plan("mask", theta=theta, reduce=request.reduce, shape=shape), lambda v: v
-        axis, gid, count, out_shape = groups
-        plan = Plan("mask_" + axis, gid, count, theta)
-    else:
-        if groups is None:
-            return Plan("diag"), lambda d: request.reduce(d.reshape(shape))
-        axis, gid, count, out_shape = groups
-        plan = Plan(axis, gid, count)
+    reduce = group_reduce(request.pattern, request.sizes)
+    groups = group_ids(request.pattern, dict(request.sizes), shape, use_list[0].size, param.device)
+    if groups is None:
+        if request.mask:
+            return Plan("mask", theta=theta, reduce=reduce, shape=shape), lambda v: v
+        return Plan("diag"), lambda d: reduce(d.reshape(shape))
+    axis, gid, count, out_shape = groups
+    plan = Plan("mask_" + axis, gid, count, theta) if request.mask else Plan(axis, gid, count)
     return plan, lambda v: v.reshape(out_shape)
 
 
-def group_ids(reduce: Callable, shape: tuple[int, ...], size: tuple[int, ...], device) -> tuple | None:
-    """``("rows" | "cols", id per row/column, number of groups, group shape)``, or ``None`` where the
-    groups are not unions of whole rows or columns of the ``[o, i]`` layout.
+def group_reduce(pattern: str, sizes: Mapping[str, int]) -> Callable[[Tensor], Tensor]:
+    """The group sum of an einops pattern, as a function of a parameter-shaped tensor."""
+    return lambda x: einops.reduce(x, pattern, "sum", **sizes)
 
-    ``reduce`` is a group sum (each entry in exactly one group), so its adjoint applied to the
-    group indices gives each entry its group's index.
+
+def _adjoint_ids(pattern: str, sizes: Mapping[str, int], shape: tuple[int, ...], device) -> tuple[Tensor, int, tuple]:
+    """Each entry's group index: the adjoint of the group sum applied to the group indices."""
+    names = ParsedExpression(pattern.split("->")[0]).identifiers
+    reduce = group_reduce(pattern, {k: v for k, v in sizes.items() if k in names})
+    out_shape = tuple(reduce(torch.empty(shape, device="meta")).shape)
+    count = math.prod(out_shape)
+    exact = torch.float32 if count < 1 << 24 else torch.float64  # group indices held exactly
+    with torch.enable_grad():
+        zero = torch.empty(shape, dtype=exact, device=device, requires_grad=True)
+        ids = torch.arange(count, dtype=exact, device=device).reshape(out_shape)
+        (gid,) = torch.autograd.grad(reduce(zero), zero, ids)
+    return gid, count, out_shape
+
+
+def _text(axes: Any) -> str:
+    return "..." if axes == _ELLIPSIS else axes[0] if len(axes) == 1 else "(" + " ".join(axes) + ")"
+
+
+def group_ids(pattern: str, sizes: dict[str, int], shape: tuple[int, ...], size: tuple[int, ...],
+              device) -> tuple | None:
+    """``("rows" | "cols", id per row/column, number of groups, group shape)``, or ``None`` where the
+    groups are not unions of whole rows or columns of the ``[o, i]`` layout (rows: the first axis).
+
+    Read from the pattern (the kept axes all in the first axis: rows; none of them: columns), and
+    the ids from the group sum of the first axis alone (or of the others), so no tensor of the
+    parameter's size is formed.
     """
-    out, pull = vjp(reduce, torch.zeros(shape, dtype=torch.float32, device=device))
-    count = out.numel()
-    ids = torch.arange(count, dtype=torch.float32 if count < 1 << 24 else torch.float64, device=device)
-    if ids.dtype != out.dtype:
-        out, pull = vjp(reduce, torch.zeros(shape, dtype=ids.dtype, device=device))
-    (gid,) = pull(ids.reshape(out.shape))
-    grid = gid.reshape(size[0], -1)
-    if bool((grid == grid[:, :1]).all()):
-        return "rows", grid[:, 0].long(), count, out.shape
-    if bool((grid == grid[:1]).all()):
-        return "cols", grid[0].long(), count, out.shape
+    lhs, rhs = pattern.split("->")
+    try:
+        left, right = ParsedExpression(lhs), ParsedExpression(rhs)
+        first, kept = left.composition[0], set(right.identifiers)
+    except (einops.EinopsError, IndexError):
+        first, kept = None, set()
+    simple = isinstance(first, list) and all(isinstance(a, str) for a in first)
+    if len(size) == 1 or not simple:
+        gid, count, out_shape = _adjoint_ids(pattern, sizes, shape, device)  # vectors, and the rare rest
+        grid = gid.reshape(size[0], -1)
+        if not bool((grid == grid[:, :1]).all()):
+            return None
+        return "rows", grid[:, 0].long(), count, out_shape
+    if kept <= set(first):
+        gid, count, out_shape = _adjoint_ids(f"{_text(first)} -> {rhs}", sizes, shape[:1], device)
+        return "rows", gid.long(), count, out_shape
+    if not kept & set(first):
+        rest = " ".join(_text(axes) for axes in left.composition[1:])
+        gid, count, out_shape = _adjoint_ids(f"{rest} -> {rhs}", sizes, shape[1:], device)
+        return "cols", gid.reshape(-1).long(), count, out_shape
     return None
 
 
-__all__ = ["BUDGET", "Plan", "accumulate", "group_ids", "make_plan", "position_units"]
+__all__ = ["BUDGET", "Plan", "accumulate", "group_ids", "group_reduce", "make_plan", "position_units"]
 

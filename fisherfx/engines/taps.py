@@ -28,7 +28,7 @@ gradient; otherwise the generic engine must serve it (``engine="auto"`` does tha
   ``N``), the same probe with per-sample scalars checks that the first axis is the sample axis.
 """
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -39,7 +39,7 @@ from .._errors import FisherError
 from ..problems import Prepared, Problem
 from . import _tap_checks as checks
 from . import _tap_layers as layers
-from ._tap_estimators import accumulate, make_plan, position_units
+from ._tap_estimators import accumulate, group_reduce, make_plan, position_units
 from ._tap_layers import Use
 from .cotangents import Kind, position_vectors
 
@@ -47,11 +47,13 @@ from .cotangents import Kind, position_vectors
 class Request(NamedTuple):
     """What to estimate for one parameter.
 
-    ``reduce=None``: the diagonal ``[*P]``; otherwise the group sums ``reduce(diag)`` or, with
-    ``mask=True``, the mask importance ``Σ_u (reduce(θ ⊙ G_u))²``.
+    ``pattern=None``: the diagonal ``[*P]``; otherwise, with ``R`` the einops ``sum`` reduction by
+    ``pattern`` and ``sizes``, the group sums ``R(diag)`` or, with ``mask=True``, the mask
+    importance ``Σ_u R(θ ⊙ G_u)²``.
     """
 
-    reduce: Callable[[Tensor], Tensor] | None = None
+    pattern: str | None = None
+    sizes: Mapping[str, int] = {}
     mask: bool = False
 
 
@@ -366,8 +368,8 @@ def estimate(
         post = plans[name][1]
         out[name] = sums[name].reshape(params[name].shape) if post is None else post(sums[name])
     for name in zero:
-        z = torch.zeros_like(params[name], dtype=dtype)
-        out[name] = z if requests[name].reduce is None else requests[name].reduce(z)
+        z, request = torch.zeros_like(params[name], dtype=dtype), requests[name]
+        out[name] = z if request.pattern is None else group_reduce(request.pattern, request.sizes)(z)
     return Result(out, {name: missing[name] for name in requests if name in missing and name not in out})
 
 
