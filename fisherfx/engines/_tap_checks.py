@@ -20,7 +20,7 @@ from . import _tap_layers as layers
 from ._tap_layers import Use
 
 # layers whose forward is PyTorch's own: the formulas of _tap_layers hold by construction
-TRUSTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
+TRUSTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *layers.NORMS)
 
 
 NEGLIGIBLE = 1e-12  # squared gradients below this share of a layer's largest count as zero (probe)

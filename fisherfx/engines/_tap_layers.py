@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+# torch's own normalisation layers with a ``normalized_shape`` (``nn.RMSNorm`` from torch 2.4)
+NORMS: tuple[type, ...] = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c is not None)
+
 
 class Use(NamedTuple):
     """One call's contributions to one parameter (see the module docstring).
@@ -78,7 +81,7 @@ def supported(module: nn.Module, k: Kinds) -> bool:
         return module.groups == 1
     if isinstance(module, nn.Embedding):
         return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+    if isinstance(module, NORMS):
         return True
     return any(cls is not None and isinstance(module, cls) for cls in k)
 
@@ -92,7 +95,7 @@ def out_view(module: nn.Module, y: Tensor, k: Kinds) -> Tensor | None:
         if y.ndim != (3 if isinstance(module, nn.Conv1d) else 4):
             return None
         return y.flatten(2).transpose(1, 2)
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+    if isinstance(module, NORMS):
         dims = len(module.normalized_shape)
         if y.ndim < dims + 1:
             return None
@@ -110,7 +113,7 @@ def position_shape(module: nn.Module, y: Tensor, k: Kinds) -> tuple[int, ...]:
     """
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return ()
-    dims = len(module.normalized_shape) if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) else 1
+    dims = len(module.normalized_shape) if isinstance(module, NORMS) else 1
     return tuple(y.shape[1:y.ndim - dims])
 
 
@@ -150,7 +153,7 @@ def normalised(module: nn.Module, x: Tensor, k: Kinds) -> Tensor:
     """``x̂``: the input of a LayerNorm/RMSNorm normalised as the module's forward does it."""
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    if isinstance(module, nn.RMSNorm):
+    if not isinstance(module, nn.LayerNorm) and isinstance(module, NORMS):  # nn.RMSNorm
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
     # LlamaRMSNorm: statistics in float32, result cast back to the input dtype
     h = x.to(torch.float32)
@@ -209,4 +212,4 @@ def uses(module: nn.Module, x: Tensor, g: Tensor, keys: dict[str, str], k: Kinds
     return out
 
 
-__all__ = ["Kinds", "Use", "kinds", "normalised", "out_view", "position_shape", "supported", "unfold", "uses"]
+__all__ = ["NORMS", "Kinds", "Use", "kinds", "normalised", "out_view", "position_shape", "supported", "unfold", "uses"]
