@@ -74,6 +74,8 @@ def _explicit(uses: list[Use], lo: int, hi: int, dtype: torch.dtype) -> Tensor:
     for u in uses:
         if u.form == "vector":
             total += u.a[lo:hi].to(dtype).sum(1)
+        elif u.grads is not None:
+            total += u.grads(lo, hi).to(dtype)
         elif u.form == "outer":
             total.baddbmm_(u.a[lo:hi].to(dtype).transpose(1, 2), u.b(lo, hi).to(dtype))
         else:
