@@ -256,9 +256,6 @@ def group_fisher(
     where = "group_fisher"
     checked = check_groups(groups, params, where)
     storage_dtype, device = options.pop("storage_dtype", None), options.pop("device", None)
-    if options.get("engine", "auto") == "generic":
-        est = diag_fisher(problem, {k: params[k] for k in checked}, batch, **options)
-        return _store(Estimate(reduce_groups(est.value, checked), est.count), storage_dtype, device)
     return _store(_group_sums(where, problem, {k: params[k] for k in checked}, batch, checked, **options),
                   storage_dtype, device)
 
@@ -267,7 +264,9 @@ def _group_sums(where: str, problem: Problem, params: Mapping[str, Tensor], batc
                 kind: Kind = "empirical", n_samples: int = 1, generator: torch.Generator | None = None,
                 per: Per = "sample", normalize: Normalize = "samples", engine: Engine = "auto",
                 dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> Estimate:
-    """Group Fisher through the tap engine's group estimators (no diagonal where it can avoid it)."""
+    """Group sums of either engine: the taps' group estimators (no diagonal where they can avoid it),
+    the generic engine's per-sample diagonal reduced to groups before it is summed over samples.
+    """
     check_options(where, kind, n_samples, per, normalize, engine, dtype)
     params = check_params(where, problem, params)
     b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
