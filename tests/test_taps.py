@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 import fisherfx as ffx
 from fisherfx.engines import taps
@@ -486,6 +487,31 @@ class Broadcast(nn.Module):
 def test_fallbacks_are_detected_and_exact(factory, batch, not_served):
     problem = ffx.supervised(_build(factory), ffx.Categorical())
     params = ffx.params_of(problem.model)
+    got = ffx.diag_fisher(problem, params, batch, dtype=F64)
+    want = ffx.diag_fisher(problem, params, batch, dtype=F64, engine="generic")
+    assert_values_close(got.value, want.value, **TAPS_VS_GENERIC)
+    assert served(problem, params, batch, "empirical", "sample") == set(params) - not_served
+
+
+class ScaledConv1D(Conv1D):
+    """A subclass of HF ``Conv1D`` whose forward the taps' formula does not describe."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), 2 * self.weight).reshape(*x.shape[:-1], -1)
+
+
+def _conv1d_net(layer: type) -> nn.Module:
+    return nn.Sequential(layer(4, 3), nn.Tanh(), Conv1D(2, 4))  # Conv1D(nf=out, nx=in): 3 -> 4 -> 2
+
+
+@pytest.mark.parametrize(("layer", "not_served"), [(Conv1D, set()), (ScaledConv1D, {"0.weight"})],
+                         ids=["conv1d", "conv1d-subclass"])
+def test_hf_conv1d_is_checked_by_its_formula(layer, not_served):
+    """An exact HF ``Conv1D`` is served after a one-sample formula check; a subclass that computes
+    something else is caught (by the arithmetic check) and falls back, and the result stays exact."""
+    problem = ffx.supervised(_build(lambda: _conv1d_net(layer)), ffx.Categorical())
+    params = ffx.params_of(problem.model)
+    batch = (randn(1, 5, 3), randint(2, 2, 5))
     got = ffx.diag_fisher(problem, params, batch, dtype=F64)
     want = ffx.diag_fisher(problem, params, batch, dtype=F64, engine="generic")
     assert_values_close(got.value, want.value, **TAPS_VS_GENERIC)

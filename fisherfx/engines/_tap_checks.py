@@ -3,9 +3,12 @@
 * :func:`graph_covered` (structure, no arithmetic): in the autograd graph of the forward, every
   use of the parameter must lie inside a tapped call of a layer holding it. A weight also used in
   a raw ``F.linear``, a parametrisation or another module's ``forward`` fails.
-* :func:`sums_match` (arithmetic, for layers whose forward is not PyTorch's own: subclasses,
-  HuggingFace layers): autograd's batch gradient must equal the sum of the taps' contributions,
-  compared through a random projection.
+* :func:`formula_holds` (HuggingFace ``Conv1D`` and ``LlamaRMSNorm`` of exactly those classes): the
+  call's first sample, recomputed from the formula the taps assume, must equal its output; such a
+  layer is then as trusted as PyTorch's own, at the cost of one sample's forward.
+* :func:`sums_match` (arithmetic, for the other layers whose forward is not PyTorch's own:
+  subclasses, HuggingFace layers whose output differs from the formula): autograd's batch gradient
+  must equal the sum of the taps' contributions, compared through a random projection.
 * :func:`probe` (per-sample and per-position structure): the output gradient of a layer for the
   output vector ``c ⊙ z`` must be the one for ``z`` scaled by the ``c`` of a single sample or
   position.
@@ -40,6 +43,23 @@ def tolerance(dtype: torch.dtype) -> float:
 def trusted(module: nn.Module) -> bool:
     """Whether ``module`` runs PyTorch's own forward of a supported layer (not a subclass's)."""
     return type(module) in TRUSTED and "forward" not in vars(module)
+
+
+def formula_holds(module: nn.Module, x: Tensor, y: Tensor, k: layers.Kinds) -> bool:
+    """Whether a HuggingFace layer's output at the first sample is the taps' formula of its input.
+
+    Only for layers of exactly the HuggingFace class with its own ``forward`` (a subclass may compute
+    anything and keeps the arithmetic check of :func:`sums_match`).
+    """
+    if "forward" in vars(module) or y.ndim == 0 or x.ndim == 0 or x.shape[0] != y.shape[0]:
+        return False
+    with torch.no_grad():
+        ref = layers.recompute(module, x[:1], k)
+    if ref is None or ref.shape != y[:1].shape:
+        return False
+    y0 = y[:1].detach()
+    tol = tolerance(y0.dtype)
+    return bool(torch.allclose(ref.to(y0.dtype), y0, rtol=tol, atol=tol * float(y0.abs().max())))
 
 
 def _internal(node, stop) -> set:
@@ -176,4 +196,5 @@ def probe(calls: list, check: list[int], outputs: Tensor, active: Tensor, backwa
     return out
 
 
-__all__ = ["NEGLIGIBLE", "TRUSTED", "graph_covered", "probe", "sums_match", "tolerance", "trusted"]
+__all__ = ["NEGLIGIBLE", "TRUSTED", "graph_covered", "formula_holds", "probe", "sums_match", "tolerance",
+           "trusted"]

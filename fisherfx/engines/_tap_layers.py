@@ -195,6 +195,19 @@ def normalised(module: nn.Module, x: Tensor, k: Kinds) -> Tensor:
     return h.to(x.dtype)
 
 
+def recompute(module: nn.Module, x: Tensor, k: Kinds) -> Tensor | None:
+    """A HuggingFace layer's output recomputed from the formula the taps assume (``None`` for others).
+
+    ``Conv1D``: ``y = x W + b`` with ``W`` ``[i, o]``; ``LlamaRMSNorm``: ``y = w ⊙ x̂``.
+    """
+    if k.conv1d is not None and type(module) is k.conv1d:
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.addmm(module.bias, flat, module.weight).reshape(*x.shape[:-1], module.weight.shape[1])
+    if k.llama_rmsnorm is not None and type(module) is k.llama_rmsnorm:
+        return module.weight * normalised(module, x, k)
+    return None
+
+
 def uses(module: nn.Module, x: Tensor, g: Tensor, keys: dict[str, str], k: Kinds,
          dtype: torch.dtype) -> dict[str, Use]:
     """The contributions of one call to the parameters named in ``keys``.
@@ -247,5 +260,5 @@ def uses(module: nn.Module, x: Tensor, g: Tensor, keys: dict[str, str], k: Kinds
     return out
 
 
-__all__ = ["NORMS", "Kinds", "Use", "kinds", "normalised", "out_view", "position_shape", "supported", "unfold", "uses",
-           "conv_grads"]
+__all__ = ["NORMS", "Kinds", "Use", "conv_grads", "kinds", "normalised", "out_view", "position_shape", "recompute",
+           "supported", "unfold", "uses"]

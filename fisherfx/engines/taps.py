@@ -83,6 +83,7 @@ class _Call:
             self.x = self.x.expand(n, *self.x.shape[1:]) if self.x.ndim > 0 and self.x.shape[0] == 1 else self.x
         self.g: Tensor | None = None
         self.total: Tensor | None = None
+        self.trusted = False  # the layer's formulas hold by construction or were checked on the call
 
     def grab(self, grad: Tensor) -> None:
         if self.broadcast:
@@ -120,6 +121,7 @@ def _tapped(model: nn.Module, key_of: Mapping[int, str], k: layers.Kinds, n: int
                 if isinstance(t := getattr(module, attr, None), Tensor) and id(t) in key_of}
         if isinstance(x, Tensor) and keys:
             call = _Call(module, x, output, keys, n)
+            call.trusted = checks.trusted(module) or checks.formula_holds(module, x, output, k)
             handles.append(output.register_hook(call.grab))
             calls.append(call)
 
@@ -228,8 +230,8 @@ class _Run:
         return todo, zero
 
     def untrusted(self, todo: list[str]) -> list[str]:
-        """The names held by a layer whose forward is not PyTorch's own."""
-        return [name for name in todo if any(name in c.keys.values() and not checks.trusted(c.module)
+        """The names held by a call whose formulas neither hold by construction nor were checked."""
+        return [name for name in todo if any(name in c.keys.values() and not c.trusted
                                              for c in self.calls)]
 
     def backward(self, v: Tensor, extra: tuple = ()) -> tuple:
