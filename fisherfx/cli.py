@@ -1,6 +1,6 @@
 """Command line: ``fisherfx demo``.
 
-The demo trains a small MLP on scikit-learn's digits for a few seconds, then walks over the
+The demo trains a small MLP on scikit-learn's digits for about a second, then walks over the
 training set in batches, computing the token-normalised empirical and Monte-Carlo group Fisher per
 output channel, and keeps a bias-corrected EMA of each. It prints the EMA batch by batch and the
 top channels of every layer.
@@ -52,7 +52,7 @@ def _layer_channels(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return layers
 
 
-def demo(epochs: int = 20, batch_size: int = 128, top: int = 5, decay: float = 0.9, seed: int = 0) -> None:
+def demo(epochs: int = 50, batch_size: int = 128, top: int = 5, decay: float = 0.9, seed: int = 0) -> None:
     """Train, then track the EMA of the per-channel empirical and MC Fisher, and print tables."""
     x, y = _digits(seed)
     n_train = int(0.8 * len(y))
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fisherfx", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train a small MLP on digits and print its per-channel Fisher")
-    d.add_argument("--epochs", type=int, default=20, help="training epochs (default 20, a few seconds)")
+    d.add_argument("--epochs", type=int, default=50, help="training epochs (default 50, about a second)")
     d.add_argument("--batch-size", type=int, default=128)
     d.add_argument("--top", type=int, default=5, help="channels shown per layer")
     d.add_argument("--decay", type=float, default=0.9, help="EMA decay in (0, 1)")
