@@ -20,6 +20,7 @@ whole tensor                    ``"... -> "``                     ``[]``
 
 import itertools
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
@@ -124,11 +125,8 @@ def _is_conv1d(name: str, modules: Mapping[str, nn.Module] | None) -> bool:
     """Whether ``name`` belongs to a HuggingFace ``Conv1D`` (weight stored ``[in, out]``)."""
     owner = name.rsplit(".", 1)[0]
     if modules is not None and owner in modules:
-        try:
-            from transformers.pytorch_utils import Conv1D
-        except ImportError:  # pragma: no cover - transformers absent
-            return False
-        return isinstance(modules[owner], Conv1D)
+        conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)  # loaded if used
+        return conv1d is not None and isinstance(modules[owner], conv1d)
     return owner.rsplit(".", 1)[-1] in _CONV1D_NAMES
 
 

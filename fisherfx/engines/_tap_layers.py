@@ -20,6 +20,7 @@ all of them              bias ``[o]``         ``g_p``                          v
 sample axis and the feature axis (tokens, pixels of a feature map).
 """
 
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -46,20 +47,21 @@ class Use(NamedTuple):
     grads: Callable[[int, int], Tensor] | None = None  # outer: Σ_p a_p b_pᵀ of units lo:hi, [c, o, i], directly
 
 
+def loaded_class(module: str, name: str) -> type | None:
+    """``module.name`` if ``module`` is already imported, else ``None``.
+
+    A model holding a HuggingFace layer has imported its module, so looking in ``sys.modules``
+    finds every class that can occur without importing transformers (seconds) for other models.
+    """
+    return getattr(sys.modules.get(module), name, None)
+
+
 def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers absent
-        return None
-    return Conv1D
+    return loaded_class("transformers.pytorch_utils", "Conv1D")
 
 
 def _llama_rmsnorm_class() -> type | None:
-    try:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    except ImportError:  # pragma: no cover - transformers absent
-        return None
-    return LlamaRMSNorm
+    return loaded_class("transformers.models.llama.modeling_llama", "LlamaRMSNorm")
 
 
 class Kinds(NamedTuple):
