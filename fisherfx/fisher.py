@@ -293,6 +293,8 @@ def mask_importance(
     engine: Engine = "auto",
     dtype: torch.dtype = torch.float32,
     chunk_size: int | None = None,
+    storage_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Estimate:
     """Mask importance of each group (Liu et al. 2021): ``θ_gᵀ F θ_g``.
 
@@ -304,7 +306,8 @@ def mask_importance(
 
     Args:
         problem, params, batch, groups: as :func:`group_fisher`.
-        kind, n_samples, generator, per, normalize, engine, dtype, chunk_size: as :func:`diag_fisher`.
+        kind, n_samples, generator, per, normalize, engine, dtype, chunk_size, storage_dtype, device: as
+            :func:`diag_fisher`.
 
     Returns:
         :class:`Estimate` with ``value`` ``{name: [G...]}``.
@@ -328,7 +331,7 @@ def mask_importance(
 
     sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].pattern, checked[k].sizes, mask=True),
                     reduce, kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size)
-    return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, None, None)
+    return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, storage_dtype, device)
 
 
 def per_sample_grads(

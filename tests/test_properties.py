@@ -445,6 +445,11 @@ def test_storage_dtype_device_and_count(normalize, spec):
     assert int(grouped.count) == expected_count
     assert_tree_close(grouped.value, {k: v.to(torch.bfloat16) for k, v in
                                         ffx.reduce_groups(plain.value, groups).items()}, **BITWISE)
+    masked = ffx.mask_importance(problem, params, batch, groups, normalize=normalize)
+    masked16 = ffx.mask_importance(problem, params, batch, groups, normalize=normalize, storage_dtype=torch.bfloat16,
+                                   device="cpu")
+    assert int(masked16.count) == expected_count
+    assert_tree_close(masked16.value, {k: v.to(torch.bfloat16) for k, v in masked.value.items()}, **BITWISE)
 
 
 # --- EMA --------------------------------------------------------------------------------------------

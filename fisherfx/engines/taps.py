@@ -190,7 +190,7 @@ def _vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: Kind, 
 
 
 NO_LAYER = ("no supported layer holds it (Linear, Conv1d/Conv2d with groups=1, Embedding, HF Conv1D, "
-            "LayerNorm, RMSNorm)")
+            "LayerNorm, RMSNorm, LlamaRMSNorm)")
 OUTSIDE = "its gradient does not all come through tapped layers (also used in other operations)"
 MIXING = ("its layer's output at one position feeds the losses of several positions (per='token' and "
           "kind='exact' with sequences need each position's gradient on its own)")
