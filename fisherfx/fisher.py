@@ -144,28 +144,31 @@ def _fixing(problem: Problem, params: Mapping[str, Tensor], rest: Mapping[str, T
 
 
 def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, request: Any, reduce: Any, *,
-             kind: str, per: str, engine: str, dtype: torch.dtype, chunk_size: int | None) -> dict[str, Tensor]:
+             kind: str, per: str, engine: str, dtype: torch.dtype, chunk_size: int | None,
+             names: list[str] | None = None) -> dict[str, Tensor]:
     """Unnormalised sums: the tap engine where it serves (``auto``, ``taps``), the generic for the rest.
 
+    The model is evaluated at ``params``; the sums are for ``names`` (default: all of ``params``).
     ``request(name)`` is the tap engine's :class:`~fisherfx.engines.taps.Request`, ``reduce`` the
     generic engine's reducer of the same quantity.
     """
+    names = list(params) if names is None else names
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise FisherError(f"{where}: chunk_size must be a positive integer or None, got {chunk_size!r}")
     sums: dict[str, Tensor] = {}
     if engine != "generic":
-        result = taps.estimate(problem, params, b.prepared, {k: request(k) for k in params}, kind=kind, per=per,
+        result = taps.estimate(problem, params, b.prepared, {k: request(k) for k in names}, kind=kind, per=per,
                                noise=b.noise, dtype=dtype, chunk_size=chunk_size, where=where)
         if engine == "taps" and result.missing:
             raise FisherError(f"{where}: engine='taps' cannot serve "
                               + "; ".join(f"{k!r}: {why}" for k, why in result.missing.items())
                               + ". Use engine='auto' to compute these with the generic engine")
         sums = result.sums
-    rest = {k: v for k, v in params.items() if k not in sums}
+    rest = {k: params[k] for k in names if k not in sums}
     if rest:
         sums.update(generic.map_samples(_fixing(problem, params, rest), rest, b.prepared, reduce, kind=kind,
                                         per=per, noise=b.noise, chunk_size=chunk_size))
-    return {k: sums[k] for k in params}
+    return {k: sums[k] for k in names}
 
 
 def diag_fisher(
@@ -256,8 +259,7 @@ def group_fisher(
     where = "group_fisher"
     checked = check_groups(groups, params, where)
     storage_dtype, device = options.pop("storage_dtype", None), options.pop("device", None)
-    return _store(_group_sums(where, problem, {k: params[k] for k in checked}, batch, checked, **options),
-                  storage_dtype, device)
+    return _store(_group_sums(where, problem, params, batch, checked, **options), storage_dtype, device)
 
 
 def _group_sums(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, checked: dict[str, Any],
@@ -276,7 +278,7 @@ def _group_sums(where: str, problem: Problem, params: Mapping[str, Tensor], batc
         return reduce_groups(squares(vectors), {k: checked[k] for k in vectors})
 
     sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].pattern, checked[k].sizes), reduce,
-                    kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size)
+                    kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size, names=list(checked))
     return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, None, None)
 
 
@@ -319,7 +321,7 @@ def mask_importance(
     where = "mask_importance"
     check_options(where, kind, n_samples, per, normalize, engine, dtype)
     checked = check_groups(groups, params, where)
-    params = check_params(where, problem, {k: params[k] for k in checked})
+    params = check_params(where, problem, params)  # the model is evaluated at all of them
     b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
 
     def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -330,7 +332,7 @@ def mask_importance(
         return out
 
     sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].pattern, checked[k].sizes, mask=True),
-                    reduce, kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size)
+                    reduce, kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size, names=list(checked))
     return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, storage_dtype, device)
 
 

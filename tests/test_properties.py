@@ -504,3 +504,22 @@ def test_ema_value_without_bias_correction_is_m_k(decay, steps, seed):
         m = {n: decay * m[n] + (1 - decay) * est.value[n] for n in m}
     assert_tree_close(ffx.ema_value(state, bias_corrected=False), m, **SAME_MATH_F64)
     assert_tree_close(ffx.ema_value(state), {n: v / (1 - decay**steps) for n, v in m.items()}, **SAME_MATH_F64)
+
+
+# --- parameters other than the module's own ----------------------------------------------------
+
+@pytest.mark.parametrize("engine", ["auto", "generic"])
+def test_group_estimates_evaluate_the_model_at_all_given_params(engine):
+    """Groups over a subset of ``params`` still evaluate the model at every value in ``params``."""
+    gen = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    problem = ffx.supervised(model, ffx.Categorical())
+    params = {k: v + 0.5 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in ffx.params_of(model).items()}
+    batch = (torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
+    subset = {"2.weight": "o i -> o"}
+    diag = ffx.diag_fisher(problem, params, batch, engine=engine, dtype=torch.float64)
+    grouped = ffx.group_fisher(problem, params, batch, subset, engine=engine, dtype=torch.float64)
+    assert_tree_close(grouped.value, ffx.reduce_groups({"2.weight": diag.value["2.weight"]}, subset), **SAME_MATH_F64)
+    every = ffx.mask_importance(problem, params, batch, ffx.channels(params), engine=engine, dtype=torch.float64)
+    one = ffx.mask_importance(problem, params, batch, subset, engine=engine, dtype=torch.float64)
+    assert_tree_close(one.value, {"2.weight": every.value["2.weight"]}, **SAME_MATH_F64)
