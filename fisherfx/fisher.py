@@ -44,7 +44,7 @@ def _choice(where: str, option: str, value: Any, allowed: tuple) -> None:
 
 
 def check_options(where: str, kind: str, n_samples: int, per: str, normalize: str, engine: str,
-                  dtype: torch.dtype) -> None:
+                  dtype: torch.dtype, chunk_size: int | None = None) -> None:
     """Validate the shared estimator options at the API boundary."""
     _choice(where, "kind", kind, KINDS)
     _choice(where, "per", per, PERS)
@@ -53,6 +53,8 @@ def check_options(where: str, kind: str, n_samples: int, per: str, normalize: st
     _choice(where, "dtype", dtype, DTYPES)
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise FisherError(f"{where}: n_samples must be a positive integer, got {n_samples!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise FisherError(f"{where}: chunk_size must be a positive integer or None, got {chunk_size!r}")
 
 
 def check_params(where: str, problem: Problem, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -98,7 +100,8 @@ def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], ba
                           "nothing to estimate")
     # one sample's forward gives the output shape (for the noise) and checks the targets
     first = generic._take(prepared.inputs, 0, 1)
-    with torch.no_grad():
+    device = prepared.active.device
+    with torch.no_grad(), taps.rng_guard(where, device):  # the global RNG stays as it was
         out = problem.forward(problem.model, {**dict(problem.model.named_buffers()), **params}, first)
     check_shapes(problem.likelihood, out, prepared.targets[:1], where)
     check_classes(problem.likelihood, out, prepared.targets, active, where)
@@ -153,8 +156,6 @@ def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, 
     generic engine's reducer of the same quantity.
     """
     names = list(params) if names is None else names
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise FisherError(f"{where}: chunk_size must be a positive integer or None, got {chunk_size!r}")
     sums: dict[str, Tensor] = {}
     if engine != "generic":
         result = taps.estimate(problem, params, b.prepared, {k: request(k) for k in names}, kind=kind, per=per,
@@ -222,7 +223,7 @@ def diag_fisher(
 
     """
     where = "diag_fisher"
-    check_options(where, kind, n_samples, per, normalize, engine, dtype)
+    check_options(where, kind, n_samples, per, normalize, engine, dtype, chunk_size)
     params = check_params(where, problem, params)
     b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
     sums = _engines(where, problem, params, b, lambda k: taps.Request(), _squares(dtype), kind=kind, per=per,
@@ -269,7 +270,7 @@ def _group_sums(where: str, problem: Problem, params: Mapping[str, Tensor], batc
     """Group sums of either engine: the taps' group estimators (no diagonal where they can avoid it),
     the generic engine's per-sample diagonal reduced to groups before it is summed over samples.
     """
-    check_options(where, kind, n_samples, per, normalize, engine, dtype)
+    check_options(where, kind, n_samples, per, normalize, engine, dtype, chunk_size)
     params = check_params(where, problem, params)
     b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
     squares = _squares(dtype)
@@ -319,7 +320,7 @@ def mask_importance(
 
     """
     where = "mask_importance"
-    check_options(where, kind, n_samples, per, normalize, engine, dtype)
+    check_options(where, kind, n_samples, per, normalize, engine, dtype, chunk_size)
     checked = check_groups(groups, params, where)
     params = check_params(where, problem, params)  # the model is evaluated at all of them
     b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
@@ -367,7 +368,7 @@ def per_sample_grads(
     """
     where = "per_sample_grads"
     _choice(where, "kind", kind, ("empirical", "mc"))
-    check_options(where, kind, 1, per, "samples", "generic", torch.float32)
+    check_options(where, kind, 1, per, "samples", "generic", torch.float32, chunk_size)
     params = check_params(where, problem, params)
     b = prepare_batch(where, problem, params, batch, kind, 1, generator, "samples")
     grads = generic.map_samples(problem, params, b.prepared, dict, kind=kind, per=per, noise=b.noise,

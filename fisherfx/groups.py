@@ -258,6 +258,10 @@ def heads(
                 continue
             out[name] = Group("(h d) o -> h" if conv1d else "o (h d) -> h", {"h": h})
         elif role == "qkv":
+            if kv != num_heads:
+                raise FisherError(f"heads: fused projection {name!r} with num_kv_heads={kv} != num_heads={num_heads}: "
+                                  "its q, k and v parts have different sizes, which '(three h d)' cannot split; "
+                                  "pass separate q/k/v projections or a custom Group")
             rows = "(three h d)"
             keep = "three h" if split_qkv else "h"
             pattern = f"{rows} -> {keep}" if p.ndim == 1 else (

@@ -2,7 +2,7 @@
 
 All methods work on *canonical* tensors: outputs ``[N, T, C]`` (samples, positions, outputs per
 position), targets ``[N, T]`` (class indices) or ``[N, T, C]`` (real or binary values) and an
-active mask ``[N, T]``. :func:`canonical` brings the usual model shapes there:
+active mask ``[N, T]``. ``canonical_outputs`` and ``canonical_targets`` bring the usual model shapes there:
 
 ================  ==================  ==================
 likelihood        outputs             targets
@@ -194,6 +194,17 @@ class Bernoulli(NamedTuple):
         return torch.diag_embed((p * (1 - p)).sqrt())
 
 
+def check_likelihood(likelihood: Likelihood, where: str) -> None:
+    """Raise :class:`FisherError` for a likelihood class instead of an instance, or a bad ``sigma``."""
+    if isinstance(likelihood, type):
+        raise FisherError(f"{where}: expected a likelihood instance such as {likelihood.__name__}(), got the class "
+                          f"{likelihood.__name__}")
+    if isinstance(likelihood, Gaussian):
+        sigma = likelihood.sigma
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < float(sigma) < float("inf"):
+            raise FisherError(f"{where}: Gaussian sigma must be a finite number > 0, got {sigma!r}")
+
+
 def check_shapes(likelihood: Likelihood, outputs: Tensor, targets: Tensor, where: str) -> None:
     """Raise :class:`FisherError` unless canonical ``outputs`` and ``targets`` fit together."""
     want = outputs.shape[:-1] if isinstance(likelihood, Categorical) else outputs.shape
@@ -205,7 +216,15 @@ def check_shapes(likelihood: Likelihood, outputs: Tensor, targets: Tensor, where
 
 
 def check_classes(likelihood: Likelihood, outputs: Tensor, targets: Tensor, active: Tensor, where: str) -> None:
-    """Raise :class:`FisherError` unless every active ``Categorical`` target is a class of ``outputs``."""
+    """Raise :class:`FisherError` unless every active target is a value the likelihood can take:
+    a class of ``outputs`` for ``Categorical``, a probability in [0, 1] for ``Bernoulli``.
+    """
+    if isinstance(likelihood, Bernoulli):
+        values = targets[active]
+        if values.numel() and (float(values.min()) < 0 or float(values.max()) > 1):
+            raise FisherError(f"{where}: Bernoulli targets must lie in [0, 1], got targets from "
+                              f"{float(values.min()):g} to {float(values.max()):g}")
+        return
     if not isinstance(likelihood, Categorical):
         return
     classes = targets[active]
@@ -217,4 +236,4 @@ def check_classes(likelihood: Likelihood, outputs: Tensor, targets: Tensor, acti
         )
 
 
-__all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "check_classes", "check_shapes"]
+__all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "check_classes", "check_likelihood", "check_shapes"]

@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from ._errors import FisherError
 from ._tree import tensors
-from .likelihoods import Categorical, Likelihood
+from .likelihoods import Categorical, Likelihood, check_likelihood
 
 Params = dict[str, Tensor]
 
@@ -88,6 +88,7 @@ def supervised(model: nn.Module, likelihood: Likelihood) -> Problem:
         A :class:`Problem`.
 
     """
+    check_likelihood(likelihood, "supervised")
 
     def prepare(batch: Any) -> Prepared:
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):

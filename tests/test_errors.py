@@ -319,7 +319,8 @@ def test_chunk_size_below_one_or_not_an_integer(setup, chunk_size):
 def test_dropout_in_train_mode_under_the_generic_engine():
     model = nn.Sequential(nn.Linear(D, 4), nn.Dropout(0.5), nn.Linear(4, C)).train()
     problem = ffx.supervised(model, ffx.Categorical())
-    with pytest.raises(ffx.FisherError, match=r"generic engine: the model draws random numbers \(dropout in train "
+    # caught by the one-sample check forward, before either engine runs, with the API's name
+    with pytest.raises(ffx.FisherError, match=r"diag_fisher: the model draws random numbers \(dropout in train "
                                                r"mode\?\); call model.eval\(\)"):
         ffx.diag_fisher(problem, ffx.params_of(model), (randn(0, N, D, dtype=torch.float32), randint(0, C, N)),
                         engine="generic")
@@ -412,3 +413,51 @@ def test_float_class_targets():
     problem = ffx.supervised(model, ffx.Categorical())
     with pytest.raises(ffx.FisherError, match=r"Categorical: expected integer class targets, got dtype torch.float32"):
         ffx.diag_fisher(problem, ffx.params_of(model), (randn(0, 2, 3, D, dtype=torch.float32), torch.zeros(2, 3)))
+
+
+# --- likelihood settings, fused GQA heads, chunk_size everywhere, RNG untouched -----------------
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("inf"), float("nan")])
+def test_gaussian_sigma_must_be_positive_and_finite(sigma):
+    with pytest.raises(ffx.FisherError, match=r"supervised: Gaussian sigma must be a finite number > 0"):
+        ffx.supervised(nn.Linear(3, 2), ffx.Gaussian(sigma=sigma))
+
+
+def test_likelihood_class_instead_of_instance():
+    with pytest.raises(ffx.FisherError, match=r"supervised: expected a likelihood instance such as Categorical\(\)"):
+        ffx.supervised(nn.Linear(3, 2), ffx.Categorical)
+
+
+def test_bernoulli_targets_outside_unit_interval():
+    model = nn.Linear(3, 2)
+    problem = ffx.supervised(model, ffx.Bernoulli())
+    batch = (torch.randn(4, 3), torch.full((4, 2), 5.0))
+    with pytest.raises(ffx.FisherError, match=r"diag_fisher: Bernoulli targets must lie in \[0, 1\], got .* 5"):
+        ffx.diag_fisher(problem, ffx.params_of(model), batch)
+
+
+def test_fused_qkv_heads_refuse_grouped_query_attention():
+    params = {"attn.qkv.weight": torch.zeros(24, 8)}
+    with pytest.raises(ffx.FisherError, match=r"heads: fused projection 'attn.qkv.weight' with num_kv_heads=2 != "
+                                              r"num_heads=4"):
+        ffx.heads(params, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1.5, True])
+def test_per_sample_grads_validates_chunk_size(chunk_size):
+    model = nn.Linear(3, 2)
+    problem = ffx.supervised(model, ffx.Categorical())
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    with pytest.raises(ffx.FisherError, match=r"per_sample_grads: chunk_size must be a positive integer or None"):
+        ffx.per_sample_grads(problem, ffx.params_of(model), batch, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("engine", ["auto", "generic"])
+def test_dropout_error_leaves_the_global_rng_untouched(engine):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
+    problem = ffx.supervised(model, ffx.Categorical())
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    before = torch.get_rng_state()
+    with pytest.raises(ffx.FisherError, match=r"draws random numbers \(dropout in train mode\?\)"):
+        ffx.diag_fisher(problem, ffx.params_of(model), batch, engine=engine)
+    assert torch.equal(torch.get_rng_state(), before)

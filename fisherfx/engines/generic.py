@@ -113,9 +113,7 @@ def map_samples(
         return reduce(vectors), torch.isfinite(out).all()
 
     n = prepared.active.shape[0]
-    step = auto_chunk(problem, params, prepared, kind, per, noise) if chunk_size is None else int(chunk_size)
-    if step < 1:
-        raise FisherError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    step = auto_chunk(problem, params, prepared, kind, per, noise) if chunk_size is None else chunk_size
     in_dims = (0, 0, 0, None if noise is None else 1)
     total: dict[str, Tensor] = {}
     parts: list[dict[str, Tensor]] = []

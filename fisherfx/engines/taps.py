@@ -165,7 +165,7 @@ def _owned(model: nn.Module, names: list[str], k: layers.Kinds) -> set[str]:
 
 
 @contextmanager
-def _rng_guard(where: str, device: torch.device) -> Iterator[None]:
+def rng_guard(where: str, device: torch.device) -> Iterator[None]:
     """Restore the global random state after the forward; raise if the forward drew from it."""
     cuda = device.type == "cuda"
     before = torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
@@ -331,7 +331,7 @@ def estimate(
     n, t = active.shape
     device = leaves[order[0]].device
     with _tapped(model, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
-        with _rng_guard(where, device):
+        with rng_guard(where, device):
             outputs = problem.forward(model, values, prepared.inputs)
         finite = torch.isfinite(outputs.detach()).reshape(n, -1).all(1)
         if not bool(finite.all()):
