@@ -21,7 +21,7 @@ from torch.func import vmap
 
 from ._errors import FisherError
 from .engines import generic, taps
-from .groups import Groups, check_groups, reduce_groups
+from .groups import Groups, check_groups, reduce_groups, some_names
 from .likelihoods import check_classes, check_shapes
 from .problems import Prepared, Problem
 from .state import Estimate, cast
@@ -64,10 +64,7 @@ def check_params(where: str, problem: Problem, params: Mapping[str, Tensor]) -> 
     own = dict(problem.model.named_parameters(remove_duplicate=False))
     for name, p in params.items():
         if name not in own:
-            known = list(own)
-            raise FisherError(f"{where}: unknown parameter {name!r}; the model's parameters are "
-                              + ", ".join(repr(k) for k in known[:6])
-                              + (f", … ({len(known)} in all)" if len(known) > 6 else ""))
+            raise FisherError(f"{where}: unknown parameter {name!r}; the model's parameters are {some_names(own)}")
         if not isinstance(p, Tensor) or p.shape != own[name].shape:
             got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
             raise FisherError(f"{where}: parameter {name!r} has shape {got}, the model expects "

@@ -22,6 +22,7 @@ import itertools
 import re
 import sys
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import einops
@@ -35,7 +36,7 @@ class Group(NamedTuple):
     """An einops ``sum``-reduction pattern and the axis sizes it cannot infer (e.g. ``h``)."""
 
     pattern: str
-    sizes: dict[str, int] = {}
+    sizes: Mapping[str, int] = MappingProxyType({})  # read-only: a shared default must not be mutated
 
     def reduce(self, x: Tensor) -> Tensor:
         """Group sums of ``x`` (shaped like the parameter)."""
@@ -64,7 +65,7 @@ def check_groups(groups: Groups, params: Mapping[str, Tensor], where: str = "gro
     for name, spec in groups.items():
         if name not in params:
             raise FisherError(f"{where}: unknown parameter {name!r}; known parameters: "
-                              f"{_some(params)}")
+                              f"{some_names(params)}")
         group = as_group(spec)
         shape = tuple(params[name].shape)
         try:
@@ -77,7 +78,8 @@ def check_groups(groups: Groups, params: Mapping[str, Tensor], where: str = "gro
     return out
 
 
-def _some(names: Iterable[str], k: int = 6) -> str:
+def some_names(names: Iterable[str], k: int = 6) -> str:
+    """The first ``k`` names quoted, and how many there are in all, for error messages."""
     names = list(names)
     return ", ".join(repr(n) for n in names[:k]) + (f", … ({len(names)} in all)" if len(names) > k else "")
 
@@ -103,7 +105,7 @@ def expand_groups(values: Mapping[str, Tensor], groups: Groups, params: Mapping[
     """
     missing = [k for k in values if k not in groups]
     if missing:
-        raise FisherError(f"expand_groups: no group spec for {missing}; the groups cover {_some(groups)}")
+        raise FisherError(f"expand_groups: no group spec for {missing}; the groups cover {some_names(groups)}")
     checked = check_groups({k: groups[k] for k in values}, params, "expand_groups")
     out = {}
     for name, group in checked.items():
@@ -246,7 +248,7 @@ def heads(
     out = {}
     for name, role in roles.items():
         if name not in params:
-            raise FisherError(f"heads: unknown parameter {name!r}; known parameters: {_some(params)}")
+            raise FisherError(f"heads: unknown parameter {name!r}; known parameters: {some_names(params)}")
         p = params[name]
         conv1d = p.ndim == 2 and _is_conv1d(name, modules)
         h = kv if role in ("k", "v") else num_heads

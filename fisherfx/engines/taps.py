@@ -30,6 +30,7 @@ gradient; otherwise the generic engine must serve it (``engine="auto"`` does tha
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -53,7 +54,7 @@ class Request(NamedTuple):
     """
 
     pattern: str | None = None
-    sizes: Mapping[str, int] = {}
+    sizes: Mapping[str, int] = MappingProxyType({})  # read-only shared default
     mask: bool = False
 
 
@@ -354,10 +355,15 @@ def estimate(
         plans = {name: make_plan([u for _, u in found[name]], requests[name], params[name], dtype) for name in todo}
         cap = chunk_size * t if chunk_size is not None and per_position else chunk_size
         sums = {name: torch.zeros((), dtype=dtype, device=device) for name in todo}
+        calls_of = {name: [i for i, _ in found.get(name, [])] for name in todo}
         for r in range(vectors.shape[0]):
             if r > 0:
                 run.backward(vectors[r])
                 found = run.uses({})
+                for name in todo:  # the same calls serve every draw, or a term would be dropped
+                    if [i for i, _ in found.get(name, [])] != calls_of[name]:
+                        raise RuntimeError(f"{where}: tap engine invariant broken: draw {r} reached other calls "
+                                           f"of {name!r} than draw 0 (please report)")
             for name in todo:
                 use_list = [u for _, u in found.get(name, [])]
                 if per_position:
