@@ -169,6 +169,29 @@ def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, 
     return {k: sums[k] for k in names}
 
 
+OPTIONS = ("kind", "n_samples", "generator", "per", "normalize", "engine", "dtype", "chunk_size", "storage_dtype",
+           "device")
+
+
+def _estimate(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, names: list[str] | None,
+              request: Any, make_reduce: Any, *, kind: Kind = "empirical", n_samples: int = 1,
+              generator: torch.Generator | None = None, per: Per = "sample", normalize: Normalize = "samples",
+              engine: Engine = "auto", dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
+              storage_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Estimate:
+    """What every estimator does: validate, prepare the batch, run the engines, normalise, store.
+
+    The model is evaluated at all of ``params``; ``names`` (default: all) are estimated, with
+    ``request(name)`` for the tap engine and ``make_reduce(dtype, params)`` the generic engine's
+    per-sample reducer of the same quantity.
+    """
+    check_options(where, kind, n_samples, per, normalize, engine, dtype, chunk_size)
+    params = check_params(where, problem, params)
+    b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
+    sums = _engines(where, problem, params, b, request, make_reduce(dtype, params), kind=kind, per=per,
+                    engine=engine, dtype=dtype, chunk_size=chunk_size, names=names)
+    return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, storage_dtype, device)
+
+
 def diag_fisher(
     problem: Problem,
     params: Mapping[str, Tensor],
@@ -219,14 +242,10 @@ def diag_fisher(
             that do not fit the outputs, non-finite outputs or gradients.
 
     """
-    where = "diag_fisher"
-    check_options(where, kind, n_samples, per, normalize, engine, dtype, chunk_size)
-    params = check_params(where, problem, params)
-    b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
-    sums = _engines(where, problem, params, b, lambda k: taps.Request(), _squares(dtype), kind=kind, per=per,
-                    engine=engine, dtype=dtype, chunk_size=chunk_size)
-    scale = 1.0 / n_samples if kind == "mc" else 1.0
-    return _finish(where, sums, scale, b.count, storage_dtype, device)
+    return _estimate("diag_fisher", problem, params, batch, None, lambda k: taps.Request(),
+                     lambda dtype, params: _squares(dtype), kind=kind, n_samples=n_samples, generator=generator,
+                     per=per, normalize=normalize, engine=engine, dtype=dtype, chunk_size=chunk_size,
+                     storage_dtype=storage_dtype, device=device)
 
 
 def group_fisher(
@@ -256,28 +275,16 @@ def group_fisher(
     """
     where = "group_fisher"
     checked = check_groups(groups, params, where)
-    storage_dtype, device = options.pop("storage_dtype", None), options.pop("device", None)
-    return _store(_group_sums(where, problem, params, batch, checked, **options), storage_dtype, device)
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise FisherError(f"{where}: unknown options {unknown}; expected some of {list(OPTIONS)}")
 
+    def grouped_squares(dtype: torch.dtype, params: dict[str, Tensor]):
+        squares = _squares(dtype)
+        return lambda vectors: reduce_groups(squares(vectors), {k: checked[k] for k in vectors})
 
-def _group_sums(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, checked: dict[str, Any],
-                kind: Kind = "empirical", n_samples: int = 1, generator: torch.Generator | None = None,
-                per: Per = "sample", normalize: Normalize = "samples", engine: Engine = "auto",
-                dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> Estimate:
-    """Group sums of either engine: the taps' group estimators (no diagonal where they can avoid it),
-    the generic engine's per-sample diagonal reduced to groups before it is summed over samples.
-    """
-    check_options(where, kind, n_samples, per, normalize, engine, dtype, chunk_size)
-    params = check_params(where, problem, params)
-    b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
-    squares = _squares(dtype)
-
-    def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return reduce_groups(squares(vectors), {k: checked[k] for k in vectors})
-
-    sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].pattern, checked[k].sizes), reduce,
-                    kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size, names=list(checked))
-    return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, None, None)
+    return _estimate(where, problem, params, batch, list(checked),
+                     lambda k: taps.Request(checked[k].pattern, checked[k].sizes), grouped_squares, **options)
 
 
 def mask_importance(
@@ -317,21 +324,22 @@ def mask_importance(
 
     """
     where = "mask_importance"
-    check_options(where, kind, n_samples, per, normalize, engine, dtype, chunk_size)
     checked = check_groups(groups, params, where)
-    params = check_params(where, problem, params)  # the model is evaluated at all of them
-    b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
 
-    def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = {}
-        for name, v in vectors.items():
-            projected = vmap(checked[name].reduce)(params[name].to(dtype) * v.to(dtype))  # [J, G...]
-            out[name] = (projected**2).sum(0)
-        return out
+    def masked_squares(dtype: torch.dtype, params: dict[str, Tensor]):
+        def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+            out = {}
+            for name, v in vectors.items():
+                projected = vmap(checked[name].reduce)(params[name].to(dtype) * v.to(dtype))  # [J, G...]
+                out[name] = (projected**2).sum(0)
+            return out
 
-    sums = _engines(where, problem, params, b, lambda k: taps.Request(checked[k].pattern, checked[k].sizes, mask=True),
-                    reduce, kind=kind, per=per, engine=engine, dtype=dtype, chunk_size=chunk_size, names=list(checked))
-    return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, storage_dtype, device)
+        return reduce
+
+    return _estimate(where, problem, params, batch, list(checked),
+                     lambda k: taps.Request(checked[k].pattern, checked[k].sizes, mask=True), masked_squares,
+                     kind=kind, n_samples=n_samples, generator=generator, per=per, normalize=normalize, engine=engine,
+                     dtype=dtype, chunk_size=chunk_size, storage_dtype=storage_dtype, device=device)
 
 
 def per_sample_grads(

@@ -461,3 +461,11 @@ def test_dropout_error_leaves_the_global_rng_untouched(engine):
     with pytest.raises(ffx.FisherError, match=r"draws random numbers \(dropout in train mode\?\)"):
         ffx.diag_fisher(problem, ffx.params_of(model), batch, engine=engine)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_group_fisher_names_an_unknown_option():
+    model = nn.Linear(3, 2)
+    problem, params = ffx.supervised(model, ffx.Categorical()), ffx.params_of(model)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    with pytest.raises(ffx.FisherError, match=r"group_fisher: unknown options \['normalise'\]; expected some of"):
+        ffx.group_fisher(problem, params, batch, ffx.channels(params), normalise="tokens")
