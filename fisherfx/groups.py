@@ -22,7 +22,6 @@ import itertools
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from types import MappingProxyType
 from typing import NamedTuple
 
 import einops
@@ -36,7 +35,7 @@ class Group(NamedTuple):
     """An einops ``sum``-reduction pattern and the axis sizes it cannot infer (e.g. ``h``)."""
 
     pattern: str
-    sizes: Mapping[str, int] = MappingProxyType({})  # read-only: a shared default must not be mutated
+    sizes: Mapping[str, int] = {}  # never mutated (a NamedTuple default is shared); kept picklable
 
     def reduce(self, x: Tensor) -> Tensor:
         """Group sums of ``x`` (shaped like the parameter)."""

@@ -280,3 +280,13 @@ def test_to_flat_keys_for_channels():
     flat = ffx.to_flat(values)
     assert_tree_close(flat, {f"fc.weight|{i}": torch.tensor(i + 1.0) for i in range(3)}, rtol=0, atol=0)
     assert ffx.to_flat(values, sep="/").keys() == {"fc.weight/0", "fc.weight/1", "fc.weight/2"}
+
+
+def test_group_specs_pickle_and_copy():
+    """Specs are plain values: they pickle (to be stored beside an estimate) and deep-copy."""
+    import copy
+    import pickle
+
+    spec = {"w": ffx.Group("o ... -> o"), "h": ffx.Group("(h d) i -> h", {"h": 2})}
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert copy.deepcopy(spec) == spec

@@ -30,7 +30,6 @@ gradient; otherwise the generic engine must serve it (``engine="auto"`` does tha
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -54,7 +53,7 @@ class Request(NamedTuple):
     """
 
     pattern: str | None = None
-    sizes: Mapping[str, int] = MappingProxyType({})  # read-only shared default
+    sizes: Mapping[str, int] = {}  # never mutated (a NamedTuple default is shared); kept picklable
     mask: bool = False
 
 
