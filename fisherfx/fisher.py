@@ -80,6 +80,7 @@ class Batch(NamedTuple):
     prepared: Prepared
     noise: Tensor | None  # [S, N, T(, C)] for kind="mc"
     count: Tensor  # shape=(), int64
+    width: int  # C, the model's outputs per position
 
 
 def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str,
@@ -107,7 +108,7 @@ def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], ba
         shape = (active.shape[0], *out.shape[1:])
         noise = problem.likelihood.noise(torch.Size(shape), n_samples, generator).to(active.device)
     count = {"samples": active.shape[0], "tokens": n_active, "none": 1}[normalize]
-    return Batch(prepared, noise, torch.tensor(count, dtype=torch.int64))
+    return Batch(prepared, noise, torch.tensor(count, dtype=torch.int64), out.shape[-1])
 
 
 def _finish(where: str, sums: dict[str, Tensor], scale: float, count: Tensor, storage_dtype, device) -> Estimate:
@@ -165,7 +166,7 @@ def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, 
     rest = {k: params[k] for k in names if k not in sums}
     if rest:
         sums.update(generic.map_samples(_fixing(problem, params, rest), rest, b.prepared, reduce, kind=kind,
-                                        per=per, noise=b.noise, chunk_size=chunk_size))
+                                        per=per, noise=b.noise, chunk_size=chunk_size, width=b.width))
     return {k: sums[k] for k in names}
 
 
@@ -376,7 +377,7 @@ def per_sample_grads(
     check_options(where, kind, 1, per, "samples", "generic", torch.float32, chunk_size)
     params = check_params(where, problem, params)
     b = prepare_batch(where, problem, params, batch, kind, 1, generator, "samples")
-    grads = generic.map_samples(problem, params, b.prepared, dict, kind=kind, per=per, noise=b.noise,
+    grads = generic.map_samples(problem, params, b.prepared, dict, kind=kind, per=per, noise=b.noise, width=b.width,
                                 chunk_size=chunk_size, stack=True)
     if per == "sample":
         return {k: v[:, 0] for k, v in grads.items()}

@@ -27,15 +27,15 @@ Reducer = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 CHUNK_BYTES = 2**28
 
 
-def auto_chunk(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, kind: Kind, per: str,
-               noise: Tensor | None) -> int:
-    """Samples per chunk so that a chunk's ``[B, J, *P]`` vectors stay under :data:`CHUNK_BYTES`."""
+def auto_chunk(params: Mapping[str, Tensor], prepared: Prepared, kind: Kind, per: str, noise: Tensor | None,
+               width: int) -> int:
+    """Samples per chunk so that a chunk's ``[B, J, *P]`` vectors stay under :data:`CHUNK_BYTES`.
+
+    ``width`` is ``C``, the outputs per position (``kind="exact"`` has ``T·C`` vectors per sample).
+    """
     t = prepared.active.shape[1]
-    if kind == "exact":  # T·C vectors per sample; C from one sample's outputs
-        first = _take(prepared.inputs, 0, 1)
-        with torch.no_grad():
-            c = problem.forward(problem.model, {**dict(problem.model.named_buffers()), **params}, first).shape[-1]
-        j = t * c
+    if kind == "exact":
+        j = t * width
     else:
         r = 1 if noise is None else noise.shape[0]
         j = r * t if per == "token" else r
@@ -72,6 +72,7 @@ def map_samples(
     per: str,
     noise: Tensor | None,
     chunk_size: int | None,
+    width: int,
     stack: bool = False,
 ) -> dict[str, Tensor]:
     """Apply ``reduce`` to each sample's gradient vectors and sum (or stack) over samples.
@@ -86,6 +87,7 @@ def map_samples(
         noise: ``[S, N, ...]`` for ``kind="mc"``, else ``None``.
         chunk_size: samples per ``vmap`` call (``None``: as many as keep one chunk's vectors
             under :data:`CHUNK_BYTES`, see :func:`auto_chunk`).
+        width: ``C``, the model's outputs per position (sizes the default chunk).
         stack: stack the per-sample results ``[N, ...]`` instead of summing them.
 
     Returns:
@@ -113,7 +115,7 @@ def map_samples(
         return reduce(vectors), torch.isfinite(out).all()
 
     n = prepared.active.shape[0]
-    step = auto_chunk(problem, params, prepared, kind, per, noise) if chunk_size is None else chunk_size
+    step = auto_chunk(params, prepared, kind, per, noise, width) if chunk_size is None else chunk_size
     in_dims = (0, 0, 0, None if noise is None else 1)
     total: dict[str, Tensor] = {}
     parts: list[dict[str, Tensor]] = []
