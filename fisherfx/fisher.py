@@ -22,7 +22,6 @@ from torch.func import vmap
 from ._errors import FisherError
 from .engines import generic, taps
 from .groups import Groups, check_groups, reduce_groups, some_names
-from .likelihoods import check_classes, check_shapes
 from .problems import Prepared, Problem
 from .state import Estimate, cast
 
@@ -78,14 +77,34 @@ class Batch(NamedTuple):
     """A prepared batch with its MC noise and normaliser."""
 
     prepared: Prepared
-    noise: Tensor | None  # [S, N, T(, C)] for kind="mc"
+    noise: Tensor | None  # [S, N, T(, C)] for kind="mc", zero at inactive positions
     count: Tensor  # shape=(), int64
-    width: int  # C, the model's outputs per position
+
+
+def draw_noise(problem: Problem, prepared: Prepared, n_samples: int, generator: torch.Generator | None) -> Tensor:
+    """The MC noise ``[S, N, T(, C)]``: drawn for the active positions only, in row-major order.
+
+    A sample's draws therefore depend on the generator and on the active positions before it, not
+    on padding: padded positions and fully padded rows consume no random numbers, so the same data
+    padded differently (or with padded rows anywhere) gets the same draws. Both engines use it.
+    """
+    active, targets = prepared.active, prepared.targets
+    event = tuple(targets.shape[2:])  # Gaussian/Bernoulli: one number per output; Categorical: none
+    # the likelihood draws for an outputs shape: Categorical drops its class axis, the others keep it
+    flat = problem.likelihood.noise(torch.Size((int(active.sum()), *(event or (1,)))), n_samples, generator)
+    flat = flat.to(active.device)
+    full = torch.zeros((n_samples, *active.shape, *flat.shape[2:]), dtype=flat.dtype, device=active.device)
+    full[:, active] = flat
+    return full
 
 
 def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str,
                   n_samples: int, generator: torch.Generator | None, normalize: str) -> Batch:
-    """Split the batch, check it, draw the MC noise and count the normaliser."""
+    """Split the batch, check it, draw the MC noise and count the normaliser.
+
+    No forward runs here: the engines check the outputs against the targets on their own forward
+    (:func:`check_outputs`).
+    """
     for name, module in problem.model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise FisherError(f"{where}: BatchNorm module {name!r} is in train mode, where it mixes samples and "
@@ -96,19 +115,24 @@ def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], ba
     if n_active == 0:
         raise FisherError(f"{where}: the batch has no active position (all targets ignored or padded); "
                           "nothing to estimate")
-    # one sample's forward gives the output shape (for the noise) and checks the targets
+    noise = draw_noise(problem, prepared, n_samples, generator) if kind == "mc" else None
+    count = {"samples": active.shape[0], "tokens": n_active, "none": 1}[normalize]
+    return Batch(prepared, noise, torch.tensor(count, dtype=torch.int64))
+
+
+def output_width(where: str, problem: Problem, params: Mapping[str, Tensor], prepared: Prepared) -> int:
+    """``C`` from one sample's forward, with the outputs checked against the targets.
+
+    Only for calls that the tap engine's batched forward did not check (engine="generic", or a
+    model with no tapped layer); one sample costs ``1/N`` of a forward.
+    """
     first = generic._take(prepared.inputs, 0, 1)
     device = prepared.active.device
     with torch.no_grad(), taps.rng_guard(where, device):  # the global RNG stays as it was
         out = problem.forward(problem.model, {**dict(problem.model.named_buffers()), **params}, first)
-    check_shapes(problem.likelihood, out, prepared.targets[:1], where)
-    check_classes(problem.likelihood, out, prepared.targets, active, where)
-    noise = None
-    if kind == "mc":
-        shape = (active.shape[0], *out.shape[1:])
-        noise = problem.likelihood.noise(torch.Size(shape), n_samples, generator).to(active.device)
-    count = {"samples": active.shape[0], "tokens": n_active, "none": 1}[normalize]
-    return Batch(prepared, noise, torch.tensor(count, dtype=torch.int64), out.shape[-1])
+    n = prepared.active.shape[0]
+    taps.check_outputs(where, problem, out.expand(n, *out.shape[1:]), prepared)  # messages with the batch's shapes
+    return out.shape[-1]
 
 
 def _finish(where: str, sums: dict[str, Tensor], scale: float, count: Tensor, storage_dtype, device) -> Estimate:
@@ -127,7 +151,7 @@ def _store(est: Estimate, storage_dtype: torch.dtype | None, device) -> Estimate
 
 def _squares(dtype: torch.dtype):
     def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: torch.einsum("j...,j...->...", v.to(dtype), v.to(dtype)) for k, v in vectors.items()}
+        return {k: v.to(dtype).square().sum(0) for k, v in vectors.items()}
 
     return reduce
 
@@ -155,6 +179,7 @@ def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, 
     """
     names = list(params) if names is None else names
     sums: dict[str, Tensor] = {}
+    width = None
     if engine != "generic":
         result = taps.estimate(problem, params, b.prepared, {k: request(k) for k in names}, kind=kind, per=per,
                                noise=b.noise, dtype=dtype, chunk_size=chunk_size, where=where)
@@ -162,11 +187,13 @@ def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, 
             raise FisherError(f"{where}: engine='taps' cannot serve "
                               + "; ".join(f"{k!r}: {why}" for k, why in result.missing.items())
                               + ". Use engine='auto' to compute these with the generic engine")
-        sums = result.sums
+        sums, width = result.sums, result.width
     rest = {k: params[k] for k in names if k not in sums}
+    if width is None:  # the tap engine ran no forward: check the outputs on one sample
+        width = output_width(where, problem, params, b.prepared)
     if rest:
         sums.update(generic.map_samples(_fixing(problem, params, rest), rest, b.prepared, reduce, kind=kind,
-                                        per=per, noise=b.noise, chunk_size=chunk_size, width=b.width))
+                                        per=per, noise=b.noise, chunk_size=chunk_size, width=width, where=where))
     return {k: sums[k] for k in names}
 
 
@@ -377,8 +404,9 @@ def per_sample_grads(
     check_options(where, kind, 1, per, "samples", "generic", torch.float32, chunk_size)
     params = check_params(where, problem, params)
     b = prepare_batch(where, problem, params, batch, kind, 1, generator, "samples")
-    grads = generic.map_samples(problem, params, b.prepared, dict, kind=kind, per=per, noise=b.noise, width=b.width,
-                                chunk_size=chunk_size, stack=True)
+    width = output_width(where, problem, params, b.prepared)
+    grads = generic.map_samples(problem, params, b.prepared, dict, kind=kind, per=per, noise=b.noise, width=width,
+                                chunk_size=chunk_size, stack=True, where=where)
     if per == "sample":
         return {k: v[:, 0] for k, v in grads.items()}
     return grads

@@ -79,19 +79,22 @@ def test_non_finite_gradients():
         ffx.diag_fisher(problem, ffx.params_of(model), (randn(0, N, D, dtype=torch.float32), randint(0, C, N)))
 
 
-def test_targets_of_the_wrong_shape(setup):
+@pytest.mark.parametrize("engine", ["auto", "generic"])
+def test_targets_of_the_wrong_shape(setup, engine):
     problem, params, (x, _) = setup
-    with pytest.raises(ffx.FisherError, match=r"targets of shape \(1, 2\) do not fit model outputs of shape "
-                                               r"\(1, 1, 5\).*expected targets \(1, 1\)"):
-        ffx.diag_fisher(problem, params, (x, randint(0, C, N, 2)))
+    with pytest.raises(ffx.FisherError, match=rf"targets of shape \({N}, 2\) do not fit model outputs of shape "
+                                               rf"\({N}, 1, 5\).*expected targets \({N}, 1\)"):
+        ffx.diag_fisher(problem, params, (x, randint(0, C, N, 2)), engine=engine)
 
 
-def test_gaussian_targets_with_the_wrong_number_of_outputs(setup):
+@pytest.mark.parametrize("engine", ["auto", "generic"])
+def test_gaussian_targets_with_the_wrong_number_of_outputs(setup, engine):
     model = mlp()
     problem = ffx.supervised(model, ffx.Gaussian())
-    with pytest.raises(ffx.FisherError, match=r"targets of shape \(1, 1, 3\) do not fit model outputs of shape "
-                                               r"\(1, 1, 5\)"):
-        ffx.diag_fisher(problem, ffx.params_of(model), (randn(0, N, D, dtype=torch.float32), torch.zeros(N, 3)))
+    with pytest.raises(ffx.FisherError, match=rf"targets of shape \({N}, 1, 3\) do not fit model outputs of shape "
+                                               rf"\({N}, 1, 5\)"):
+        ffx.diag_fisher(problem, ffx.params_of(model), (randn(0, N, D, dtype=torch.float32), torch.zeros(N, 3)),
+                        engine=engine)
 
 
 def test_class_targets_outside_the_outputs(setup):

@@ -62,14 +62,26 @@ def position_vectors(
     return torch.movedim(sqrt, -1, 0)
 
 
-def sample_vectors(vectors: Tensor, kind: Kind, per: str) -> Tensor:
-    """One sample's vectors ``[R, T, C]`` → the ``[J, T, C]`` whose pull-backs are squared.
+def count_vectors(r: int, t: int, width: int, kind: Kind, per: str) -> int:
+    """``J``, the vectors of one sample: ``R`` (``per="sample"``), ``R·T`` (``per="token"``) or ``T·C``
+    (``kind="exact"``, ``K = C`` columns per position), with ``R`` the draws (1 unless MC)."""
+    if kind == "exact":
+        return t * width
+    return r if per == "sample" else r * t
+
+
+def unit_vectors(vectors: Tensor, kind: Kind, per: str, lo: int, hi: int) -> Tensor:
+    """Vectors ``lo:hi`` of one sample's ``[J, T, C]`` whose pull-backs are squared, from ``[R, T, C]``.
 
     ``per="sample"`` (and not exact): ``J = R``, each vector spans all positions.
-    Otherwise ``J = R·T``: vector ``(r, t)`` is ``vectors[r, t]`` at position ``t`` and zero elsewhere.
+    Otherwise ``J = R·T``: vector ``j = r·T + t`` is ``vectors[r, t]`` at position ``t`` and zero
+    elsewhere. Only the requested chunk is formed.
     """
     if per == "sample" and kind != "exact":
-        return vectors
+        return vectors[lo:hi]
     r, t, c = vectors.shape
-    eye = torch.eye(t, dtype=vectors.dtype, device=vectors.device)
-    return (eye[None, :, :, None] * vectors[:, None, :, :]).reshape(r * t, t, c)
+    j = torch.arange(lo, hi, device=vectors.device)
+    picked = vectors.reshape(r * t, c)[lo:hi]  # [j, C]: vectors[j // T, j % T]
+    onehot = torch.eye(t, dtype=vectors.dtype, device=vectors.device)[j % t]  # [j, T]
+    return onehot[:, :, None] * picked[:, None, :]
+

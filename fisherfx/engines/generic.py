@@ -2,14 +2,22 @@
 
 For each sample ``n`` the model is evaluated alone (``functional_call`` inside ``vmap``), the
 estimator's output vectors ``U_n`` ``[J, T, C]`` are formed from its outputs (see
-:mod:`.cotangents`), and their pull-backs ``J_nᵀ u`` come from one ``vjp`` vmapped over ``J``.
-A *reducer* turns the ``{name: [J, *P]}`` vectors of one sample into what is kept (squares
-summed over ``J`` for a diagonal, grouped projections for mask importance, the vectors themselves
-for per-sample gradients), so no per-sample tensor outlives its chunk unless asked for.
-Works for any module that ``torch.func`` can transform.
+:mod:`.cotangents`), and their pull-backs ``J_nᵀ u`` come from ``vjp`` vmapped over a chunk of
+``J``. A *reducer* turns a chunk of ``{name: [j, *P]}`` vectors of one sample into what is kept
+(squares summed over ``j`` for a diagonal, grouped projections for mask importance, the vectors
+themselves for per-sample gradients); reducers are additive over chunks of vectors, so no
+per-sample tensor outlives its chunk unless asked for.
+
+Memory is bounded by vectors, not samples: a vectorised call holds at most ``chunk_size`` (by
+default as many as fit in :data:`CHUNK_BYTES`) gradient vectors: whole samples when a sample has
+few vectors (``per="sample"``), chunks of one sample's positions otherwise (``per="token"``:
+``T`` vectors per sample, ``kind="exact"``: ``T·C``). Works for any module that ``torch.func``
+can transform.
 """
 
-from collections.abc import Callable, Mapping
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -19,28 +27,46 @@ from torch.func import vjp, vmap
 from .._errors import FisherError
 from .._tree import map_tensors
 from ..problems import Prepared, Problem
-from .cotangents import Kind, position_vectors, sample_vectors
+from .cotangents import Kind, count_vectors, position_vectors, unit_vectors
 
 Reducer = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
-#: Default bound on one chunk's gradient vectors ``B·J·P`` (bytes), used when ``chunk_size=None``.
-CHUNK_BYTES = 2**28
+#: Default bound on the gradient vectors ``[b, j, *P]`` of one vectorised call (bytes).
+CHUNK_BYTES = 2**26
+
+#: A sample whose vectors take at least this many bytes is run alone, without ``vmap`` over samples
+#: (nesting the vmap over its vectors inside one over samples is then slower than a loop).
+ALONE_BYTES = 2**23
+
+#: Seconds after which a long call shows a progress bar (tqdm, on a terminal only).
+PROGRESS_DELAY = 2.0
+
+_NO_RULE = "There is a performance drop because we have not yet implemented the batching rule for "
+
+
+def vectors_per_sample(prepared: Prepared, kind: Kind, per: str, noise: Tensor | None, width: int) -> int:
+    """``J``: the gradient vectors of one sample (``width`` is ``C``, the outputs per position)."""
+    return count_vectors(1 if noise is None else noise.shape[0], prepared.active.shape[1], width, kind, per)
+
+
+def plan_chunks(params: Mapping[str, Tensor], j: int, chunk_size: int | None) -> tuple[int, int]:
+    """``(samples per vectorised call, vectors per inner call)`` holding at most ``chunk_size``
+    vectors (``None``: as many as fit in :data:`CHUNK_BYTES`), at least one.
+    """
+    per_vector = sum(p.numel() * p.element_size() for p in params.values())
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_BYTES // max(per_vector, 1))
+    if j > chunk_size:
+        return 1, chunk_size
+    if j > 1 and j * per_vector >= ALONE_BYTES:
+        return 1, j
+    return max(1, chunk_size // j), j
 
 
 def auto_chunk(params: Mapping[str, Tensor], prepared: Prepared, kind: Kind, per: str, noise: Tensor | None,
                width: int) -> int:
-    """Samples per chunk so that a chunk's ``[B, J, *P]`` vectors stay under :data:`CHUNK_BYTES`.
-
-    ``width`` is ``C``, the outputs per position (``kind="exact"`` has ``T·C`` vectors per sample).
-    """
-    t = prepared.active.shape[1]
-    if kind == "exact":
-        j = t * width
-    else:
-        r = 1 if noise is None else noise.shape[0]
-        j = r * t if per == "token" else r
-    per_sample = j * sum(p.numel() * p.element_size() for p in params.values())
-    return max(1, CHUNK_BYTES // max(per_sample, 1))
+    """Samples per vectorised call with ``chunk_size=None`` (see :func:`plan_chunks`)."""
+    return plan_chunks(params, vectors_per_sample(prepared, kind, per, noise, width), None)[0]
 
 
 def _take(tree: Any, start: int, stop: int) -> Any:
@@ -62,6 +88,39 @@ def _translate(err: RuntimeError) -> FisherError | RuntimeError:
     return err
 
 
+@contextlib.contextmanager
+def batching_rule_note(where: str) -> Iterator[None]:
+    """Replace torch's per-call "no batching rule" warnings by one fisherfx warning that says the fix.
+
+    Other warnings pass through unchanged.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    ops = []
+    for w in caught:
+        text = str(w.message)
+        if text.startswith(_NO_RULE):
+            ops.append(text[len(_NO_RULE):].split(".")[0].strip())
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if ops:
+        warnings.warn(f"{where}: torch.func has no batching rule for {', '.join(sorted(set(ops)))}, so the generic "
+                      "engine's vmap runs it sample by sample (slow, results are right). For HuggingFace attention, "
+                      "build the model with attn_implementation='eager'; layers the tap engine serves avoid vmap "
+                      "(engine='auto').", UserWarning, stacklevel=4)
+
+
+def _progress(where: str, n: int, units: int) -> Any:
+    """A tqdm bar over samples that appears only after :data:`PROGRESS_DELAY` seconds (``None``
+    where tqdm is absent)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=n, desc=f"{where} ({units} vjps/sample)", unit="sample", delay=PROGRESS_DELAY, leave=False)
+
+
 def map_samples(
     problem: Problem,
     params: Mapping[str, Tensor],
@@ -74,6 +133,7 @@ def map_samples(
     chunk_size: int | None,
     width: int,
     stack: bool = False,
+    where: str = "generic engine",
 ) -> dict[str, Tensor]:
     """Apply ``reduce`` to each sample's gradient vectors and sum (or stack) over samples.
 
@@ -81,14 +141,16 @@ def map_samples(
         problem: the problem.
         params: ``{name: [*P]}``, the parameters differentiated.
         prepared: the batch, from ``problem.prepare``.
-        reduce: ``{name: [J, *P]} -> {name: Tensor}`` for one sample.
+        reduce: ``{name: [j, *P]} -> {name: Tensor}`` for a chunk of one sample's vectors, additive
+            over chunks (or ``dict`` with ``stack=True``: the vectors themselves).
         kind: ``"empirical" | "mc" | "exact"``.
         per: ``"sample" | "token"``.
         noise: ``[S, N, ...]`` for ``kind="mc"``, else ``None``.
-        chunk_size: samples per ``vmap`` call (``None``: as many as keep one chunk's vectors
-            under :data:`CHUNK_BYTES`, see :func:`auto_chunk`).
-        width: ``C``, the model's outputs per position (sizes the default chunk).
-        stack: stack the per-sample results ``[N, ...]`` instead of summing them.
+        chunk_size: gradient vectors per vectorised call (``None``: as many as fit in
+            :data:`CHUNK_BYTES`, see :func:`plan_chunks`).
+        width: ``C``, the model's outputs per position.
+        stack: stack the per-sample results ``[N, J, ...]`` instead of summing them.
+        where: the public function, for messages.
 
     Returns:
         ``{name: Tensor}``, summed over samples (or stacked).
@@ -97,48 +159,74 @@ def map_samples(
     model, likelihood = problem.model, problem.likelihood
     buffers = dict(model.named_buffers())
     params = dict(params)
+    j_total = vectors_per_sample(prepared, kind, per, noise, width)
+    step, inner = plan_chunks(params, j_total, chunk_size)
 
     def one(inputs, targets, active, z):
-        inputs = map_tensors(lambda x: x[None], inputs)
+        """One sample (inputs with their sample axis of 1): ``({name: reduced}, finite)``."""
 
         def outputs_of(p):
             return problem.forward(model, {**buffers, **p}, inputs)[0]  # [T, C]
 
         out, pull = vjp(outputs_of, params)
-        u = position_vectors(likelihood, out, targets, active, kind, z)  # [R, T, C]
-        u = sample_vectors(u, kind, per).to(out.dtype)  # [J, T, C]
-        if u.shape[0] == 1:  # one vector (empirical or one MC draw per sample): no inner vmap
-            (vectors,) = pull(u[0])
-            vectors = {k: v[None] for k, v in vectors.items()}  # {name: [1, *P]}
-        else:
-            (vectors,) = vmap(pull)(u)  # {name: [J, *P]}
-        return reduce(vectors), torch.isfinite(out).all()
+        u = position_vectors(likelihood, out, targets, active, kind, z).to(out.dtype)  # [R, T, C]
+        kept: dict[str, Tensor] | None = None
+        parts = []
+        for lo in range(0, j_total, inner):
+            hi = min(lo + inner, j_total)
+            uj = unit_vectors(u, kind, per, lo, hi)  # [j, T, C]
+            if uj.shape[0] == 1:  # one vector (empirical or one MC draw per sample): no inner vmap
+                (vectors,) = pull(uj[0])
+                vectors = {k: v[None] for k, v in vectors.items()}  # {name: [1, *P]}
+            else:
+                (vectors,) = vmap(pull)(uj)  # {name: [j, *P]}
+            part = reduce(vectors)
+            if stack:
+                parts.append(part)
+            else:
+                kept = part if kept is None else {k: kept[k] + v for k, v in part.items()}
+        if stack:
+            kept = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+        return kept, torch.isfinite(out).all()
 
     n = prepared.active.shape[0]
-    step = auto_chunk(params, prepared, kind, per, noise, width) if chunk_size is None else chunk_size
     in_dims = (0, 0, 0, None if noise is None else 1)
     total: dict[str, Tensor] = {}
-    parts: list[dict[str, Tensor]] = []
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        chunk = (_take(prepared.inputs, start, stop), prepared.targets[start:stop],
-                 prepared.active[start:stop], None if noise is None else noise[:, start:stop])
-        try:
-            # torch.func's vjp ignores an outer no_grad; it only stops autograd from recording the
-            # model's own parameters that are not in `params` (memory, and results that require grad)
-            with torch.no_grad():
-                result, finite = vmap(one, in_dims=in_dims)(*chunk)
-        except RuntimeError as err:
-            raise _translate(err) from err
-        if not bool(finite.all()):
-            bad = start + int((~finite).nonzero()[0, 0])
-            raise FisherError(f"generic engine: the model's outputs for sample {bad} are not finite")
-        if stack:
-            parts.append(result)
-        else:
-            for name, value in result.items():
-                value = value.sum(0)
-                total[name] = total[name] + value if name in total else value
+    pieces: list[dict[str, Tensor]] = []
+    bar = _progress(where, n, j_total) if n > step or inner < j_total else None
+    try:
+        with batching_rule_note(where):
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                chunk = (_take(prepared.inputs, start, stop), prepared.targets[start:stop],
+                         prepared.active[start:stop], None if noise is None else noise[:, start:stop])
+                try:
+                    # torch.func's vjp ignores an outer no_grad; it only stops autograd from recording the
+                    # model's own parameters that are not in `params` (memory, results that require grad)
+                    with torch.no_grad():
+                        if stop - start == 1:  # one sample per call (many vectors each): no vmap over samples
+                            result, finite = one(chunk[0], chunk[1][0], chunk[2][0],
+                                                 None if noise is None else chunk[3][:, 0])
+                            result, finite = {k: v[None] for k, v in result.items()}, finite[None]
+                        else:
+                            result, finite = vmap(one, in_dims=in_dims)(map_tensors(lambda x: x[:, None], chunk[0]),
+                                                                        *chunk[1:])
+                except RuntimeError as err:
+                    raise _translate(err) from err
+                if not bool(finite.all()):
+                    bad = start + int((~finite).nonzero()[0, 0])
+                    raise FisherError(f"{where}: the model's outputs for sample {bad} are not finite")
+                if stack:
+                    pieces.append(result)
+                else:
+                    for name, value in result.items():
+                        value = value.sum(0)
+                        total[name] = total[name] + value if name in total else value
+                if bar is not None:
+                    bar.update(stop - start)
+    finally:
+        if bar is not None:
+            bar.close()
     if stack:
-        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        return {name: torch.cat([p[name] for p in pieces]) for name in pieces[0]}
     return total

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import FisherError
+from ..likelihoods import check_classes, check_shapes
 from ..problems import Prepared, Problem
 from . import _tap_checks as checks
 from . import _tap_layers as layers
@@ -62,6 +63,15 @@ class Result(NamedTuple):
 
     sums: dict[str, Tensor]
     missing: dict[str, str]
+    width: int | None = None  # C, the outputs per position, when the engine ran its forward (checked)
+
+
+def check_outputs(where: str, problem: Problem, outputs: Tensor, prepared: Prepared) -> None:
+    """Raise :class:`FisherError` unless the canonical ``outputs`` ``[N, T, C]`` fit the targets and
+    every active target is a value the likelihood can take.
+    """
+    check_shapes(problem.likelihood, outputs, prepared.targets, where)
+    check_classes(problem.likelihood, outputs, prepared.targets, prepared.active, where)
 
 
 class _Call:
@@ -333,6 +343,7 @@ def estimate(
     with _tapped(model, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
         with rng_guard(where, device):
             outputs = problem.forward(model, values, prepared.inputs)
+        check_outputs(where, problem, outputs, prepared)
         finite = torch.isfinite(outputs.detach()).reshape(n, -1).all(1)
         if not bool(finite.all()):
             raise FisherError(f"{where}: the model's outputs for sample {int((~finite).nonzero()[0, 0])} "
@@ -377,7 +388,8 @@ def estimate(
     for name in zero:
         z, request = torch.zeros_like(params[name], dtype=dtype), requests[name]
         out[name] = z if request.pattern is None else group_reduce(request.pattern, request.sizes)(z)
-    return Result(out, {name: missing[name] for name in requests if name in missing and name not in out})
+    return Result(out, {name: missing[name] for name in requests if name in missing and name not in out},
+                  outputs.shape[-1])
 
 
 __all__ = ["Request", "Result", "estimate"]
