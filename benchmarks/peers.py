@@ -10,8 +10,12 @@ Each peer is a factory ``peer(workload, kind, per) -> fn``; ``fn()`` returns the
 
 Every peer is run with a sum-reduced loss and divided by ``N`` once, which is how each documents
 its scaling (a mean-reduced loss would give ``1/N²`` for squared per-sample gradients).
-A factory raises :class:`Unsupported` for a task it cannot do, and ``ImportError`` when the
-peer is not installed. Peers get a deep copy of the model, since several modify it in place.
+A factory raises :class:`Unsupported` for a task it cannot do, :class:`NotThisTask` when it is a
+baseline written for other tasks (no row), and ``ImportError`` when the peer is not installed.
+Besides the libraries there are two hand-written ``torch.func`` baselines: ``vmap(grad)`` of the
+per-sample NLL (``jacrev`` of the per-position NLLs per token) and, for per-token only,
+:func:`vjp_positions` (one ``vjp`` per sample, its pull-back vmapped over per-position
+cotangents). Peers get a deep copy of the model, since several modify it in place.
 """
 
 import copy
@@ -19,13 +23,17 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, vjp, vmap
 
 IGNORE = -100
 
 
 class Unsupported(Exception):
     """The peer cannot do this task on this workload."""
+
+
+class NotThisTask(Exception):
+    """A baseline written for other tasks only: not a peer's limitation, so not reported."""
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -74,6 +82,11 @@ def _classifier_only(w, peer: str, why: str) -> None:
         raise Unsupported(f"{peer}: {why}")
 
 
+def _sequences_only(w, peer: str) -> None:
+    if w.mask is None:
+        raise Unsupported(f"{peer}: for sequence models (a classifier has one position per sample)")
+
+
 def _per_sample_only(per: str, peer: str) -> None:
     if per != "sample":
         raise Unsupported(f"{peer}: per-sample gradients only, no per-token estimator")
@@ -105,6 +118,53 @@ def vmap_grad(w, kind: str, per: str):
         with torch.no_grad():
             y = w.y if kind == "empirical" else sampled_labels(logits_of(model, w.x, w.mask), w.y, w.generator())
         return {k: g.square_().sum(0) / n for k, g in per_sample(params, w.x, y).items()}  # in place: [N, *P]
+
+    return run
+
+
+def position_chunk(n_params: int, budget_bytes: int = 256 * 2**20, most: int = 32) -> int:
+    """Positions per vectorised pull-back: ``chunk·P`` float32 gradients within ``budget_bytes``."""
+    return max(1, min(most, budget_bytes // (4 * n_params)))
+
+
+def vjp_positions(w, kind: str, per: str, chunk: int | None = None):
+    """Hand-written per-token baseline: per sample, one ``vjp`` of the logits, pulled back per position.
+
+    For each sample ``n``: ``f, pull = vjp(θ ↦ logits_n(θ))`` (one forward), then ``vmap(pull)``
+    over one-hot per-position cotangents: the cotangent for position ``t`` is
+    ``∂ℓ_{n,t}/∂f_t = softmax(f_t) − e_{y_{n,t+1}}`` placed at ``t`` and zero elsewhere, so each
+    pull-back is ``∇ℓ_{n,t}``; these are squared and summed. Positions go ``chunk`` at a time
+    (default :func:`position_chunk`: at most 256 MiB of float32 gradients, at most 32), so memory
+    is one sample's activations and graph plus ``chunk`` parameter-sized gradients and ``chunk``
+    ``[T, V]`` cotangents, whatever ``T``.
+    """
+    if per != "token":
+        raise NotThisTask("torch.func vjp over positions: the per-token baseline only")
+    _sequences_only(w, "torch.func vjp over positions")
+    model = w.model
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    chunk = chunk or position_chunk(sum(p.numel() for p in params.values()))
+
+    def run():
+        total = {k: torch.zeros_like(p) for k, p in params.items()}
+        generator = w.generator()  # one stream of MC draws for the whole batch
+        for i in range(w.x.shape[0]):
+            x1 = w.x[i:i + 1]
+            logits, pull = vjp(lambda p, x1=x1: logits_of(model, x1, w.mask, p), params)  # [1, T, V]
+            with torch.no_grad():
+                y = labels_for(kind, logits, w.y[i:i + 1], generator)[0, 1:]  # position t predicts y[t + 1]
+                at = (y != IGNORE).nonzero()[:, 0]  # active positions
+                f, y = logits[0, at], y[at]
+                cot = torch.softmax(f.float(), -1).to(logits.dtype)  # [A, V]: ∂ℓ_t/∂f_t
+                cot[torch.arange(len(y)), y] -= 1
+            for start in range(0, len(at), chunk):
+                c = slice(start, start + chunk)
+                one_hot = logits.new_zeros(len(cot[c]), *logits.shape)  # [c, 1, T, V]
+                one_hot[torch.arange(len(cot[c])), 0, at[c]] = cot[c]
+                (grads,) = vmap(pull)(one_hot)
+                for k, g in grads.items():
+                    total[k] += g.square_().sum(0)  # in place: [c, *P]
+        return {k: v / w.active_tokens for k, v in total.items()}
 
     return run
 
@@ -254,6 +314,7 @@ def opacus(w, kind: str, per: str):
 
 PEERS = {
     "torch.func vmap(grad)": vmap_grad,
+    "torch.func vjp over positions": vjp_positions,
     "BackPACK": backpack,
     "curvlinops (Hutchinson, 10 mv)": curvlinops,
     "nngeometry": nngeometry,

@@ -2,7 +2,8 @@
 
 A row is a dict: ``workload``, ``task`` (``"reference"`` for the forward+backward), ``method``,
 ``status`` (``"ok"`` or why it did not run) and, when it ran, ``ms``, ``ratio`` (to the
-forward+backward timed alternately with it), ``extra_peak_mib``, ``rel_error`` and ``mc_floor``.
+forward+backward timed alternately with it), ``pairs`` (rounds timed), ``extra_peak_mib``,
+``rel_error`` and ``mc_floor``; the reference row also has ``calls_per_timing``.
 """
 
 import datetime
@@ -71,24 +72,80 @@ def _beats(ours: dict, peer: dict) -> str:
     return "yes" if mine <= theirs else f"faster, more memory ({mine:.0f} vs {theirs:.0f} MiB)"
 
 
-def targets(rows: list[dict], labels: dict[str, str], tasks: list) -> str:
-    """Issue 3's targets for ``engine="auto"``, and whether it beats the fastest peer doing the same task."""
-    out = ["| estimator | workload | target | fisherfx auto | met? | fastest peer (×, extra MiB) | "
-           "faster with no more memory? |", "|---|---|---:|---:|---|---|---|"]
-    for task in tasks:
-        for key, target in task.targets.items():
-            if not any(r["workload"] == key and r["task"] == task.key for r in rows):
-                continue  # not run this time
-            here = [r for r in rows if r["workload"] == key and r["task"] == task.key and r["status"] == "ok"]
-            ours = next((r for r in here if r["method"] == "fisherfx auto"), None)
-            best = min((r for r in here if not r["method"].startswith(NOT_SAME_TASK)),
-                       key=lambda r: r["ratio"], default=None)
-            met = "n/a" if ours is None else ("met" if ours["ratio"] <= target else "**missed**")
-            peer = "none" if best is None else f"{best['method']} ({best['ratio']:.2f}×, " \
-                                               f"{fmt(best['extra_peak_mib'], '.0f')})"
-            beats = "n/a" if ours is None or best is None else _beats(ours, best)
-            out.append(f"| {task.label} | {labels[key]} | ≤ {target:g} | {fmt(ours and ours['ratio'], '.2f', 'n/a')} "
-                       f"| {met} | {peer} | {beats} |")
+def _auto(rows: list[dict], key: str, task: str) -> dict | None:
+    return next((r for r in rows if r["workload"] == key and r["task"] == task and r["method"] == "fisherfx auto"
+                 and r["status"] == "ok"), None)
+
+
+def _fastest_peer(rows: list[dict], key: str, task: str) -> tuple[str, str]:
+    """The fastest peer doing the same task, as '(×, extra MiB)', and whether fisherfx auto beats it."""
+    here = [r for r in rows if r["workload"] == key and r["task"] == task and r["status"] == "ok"]
+    best = min((r for r in here if not r["method"].startswith(NOT_SAME_TASK)), key=lambda r: r["ratio"], default=None)
+    ours = _auto(rows, key, task)
+    peer = "none" if best is None else f"{best['method']} ({best['ratio']:.2f}×, {fmt(best['extra_peak_mib'], '.0f')})"
+    return peer, "n/a" if ours is None or best is None else _beats(ours, best)
+
+
+BASELINE = "torch.func vmap(grad)"  # shown beside fisherfx for the targets that compare two workloads
+
+
+def _versus(rows: list[dict], key: str, other: str, task: str, method: str) -> tuple[float, float] | None:
+    pick = [next((r for r in rows if r["workload"] == k and r["task"] == task and r["method"] == method
+                  and r["status"] == "ok"), None) for k in (key, other)]
+    return None if None in pick else (pick[0]["ratio"], pick[1]["ratio"])
+
+
+def _target_row(t, rows: list[dict], labels: dict[str, str]) -> tuple[str, str, str, str, str]:
+    """(target, fisherfx auto's figure, met?, peer column, beats column) for one target."""
+    ours = _auto(rows, t.workload, t.task)
+    if t.kind == "ratio":
+        peer, beats = _fastest_peer(rows, t.workload, t.task)
+        if ours is None:
+            return f"≤ {t.bound:g}×", "n/a", "n/a", peer, beats
+        return (f"≤ {t.bound:g}×", f"{ours['ratio']:.2f}×", "met" if ours["ratio"] <= t.bound else "**missed**",
+                peer, beats)
+    if t.kind == "method":
+        theirs = next((r for r in rows if r["workload"] == t.workload and r["task"] == t.task
+                       and r["method"] == t.other and r["status"] == "ok"), None)
+        what = f"≤ {t.bound:g}× {t.other}"
+        if ours is None or theirs is None:
+            return what, "n/a", "n/a", "—", "—"
+        q = ours["ratio"] / theirs["ratio"]
+        return (what, f"{q:.2f}× ({ours['ratio']:.2f} vs {theirs['ratio']:.2f} × fwd+bwd)",
+                "met" if q <= t.bound else "**missed**", "—", "—")
+    if t.kind == "memory":
+        ref = next((r for r in rows if r["workload"] == t.workload and r["task"] == "reference"), None)
+        mib = None if ref is None else ref.get("extra_peak_mib")
+        what = f"extra peak ≤ {t.bound:g}× fwd+bwd's" + (f" + {t.plus_mib:g} MiB" if t.plus_mib else "")
+        if ours is None or mib is None or ours.get("extra_peak_mib") is None:
+            return what, "not measured" if ours else "n/a", "n/a", "—", "—"
+        limit = t.bound * mib + t.plus_mib
+        return (what + f" = {limit:.0f} MiB", f"{ours['extra_peak_mib']:.0f} MiB",
+                "met" if ours["extra_peak_mib"] <= limit else "**missed**", "—", "—")
+    # "scaling" and "coincidence": the same ratio on two workloads, side by side (vmap(grad)'s beside)
+    there = labels.get(t.other, t.other)
+    what = (f"ratio ≤ {t.bound:g}× its ratio at {there}" if t.kind == "scaling"
+            else f"ratio within ±{t.bound:.0%} of its ratio at {there}")
+    both, base = _versus(rows, t.workload, t.other, t.task, "fisherfx auto"), \
+        _versus(rows, t.workload, t.other, t.task, BASELINE)
+    peer = "—" if base is None else f"{BASELINE}: {base[0]:.2f}× vs {base[1]:.2f}× ({base[0] / base[1] - 1:+.0%})"
+    if both is None:
+        return what, f"n/a (needs {t.workload} and {t.other})", "n/a", peer, "—"
+    change = both[0] / both[1] - 1
+    ok = both[0] <= t.bound * both[1] if t.kind == "scaling" else abs(change) <= t.bound
+    return what, f"{both[0]:.2f}× vs {both[1]:.2f}× ({change:+.0%})", "met" if ok else "**missed**", peer, "—"
+
+
+def targets(rows: list[dict], labels: dict[str, str], tasks: dict[str, str], goals: list) -> str:
+    """Every target (``run.Target``) whose task ran on its workload, for ``engine="auto"``; for a
+    ratio target also the fastest peer doing the same task and whether fisherfx beats it."""
+    out = ["| issue | estimator | workload | target | fisherfx auto | met? | fastest peer (×, extra MiB) | "
+           "faster with no more memory? |", "|---|---|---|---|---|---|---|---|"]
+    for t in goals:
+        if not any(r["workload"] == t.workload and r["task"] == t.task for r in rows):
+            continue  # not run this time
+        cells = _target_row(t, rows, labels)
+        out.append(f"| {t.issue} | {tasks[t.task]} | {labels[t.workload]} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -120,11 +177,15 @@ def revision() -> str:
     return commit + (" + uncommitted changes in fisherfx/" if git("status", "--porcelain", "fisherfx") else "")
 
 
-def settings(m: dict, repeats: int, quick: bool) -> str:
+def settings(m: dict, pairs: dict[str, int], quick: bool) -> str:
+    """``pairs``: the most timed rounds per workload label."""
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    most = max(pairs.values(), key=list(pairs.values()).count) if pairs else 0  # the usual figure
+    fewer = "; ".join(f"{where}: {n}" for where, n in pairs.items() if n != most)
     return (f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), `torch.set_num_threads({m['threads']})`, "
             f"Python {m['python']}; fisherfx at {m['fisherfx']}; {versions}. "
-            f"Median of up to {repeats} timed rounds after one warm-up call{' (quick: small sizes)' if quick else ''}.")
+            f"Median of up to {most} timed rounds{f' ({fewer})' if fewer else ''} after one warm-up call"
+            f"{' (quick: small sizes)' if quick else ''}.")
 
 
 def write(doc: Path, data: Path, report: dict, text: str) -> None:
