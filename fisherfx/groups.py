@@ -84,8 +84,28 @@ def some_names(names: Iterable[str], k: int = 6) -> str:
 
 
 def reduce_groups(values: Mapping[str, Tensor], groups: Groups) -> dict[str, Tensor]:
-    """Group sums ``{name: [G...]}`` of per-entry values ``{name: [*P]}``."""
-    return {name: as_group(spec).reduce(values[name]) for name, spec in groups.items()}
+    """Group sums ``{name: [G...]}`` of per-entry values ``{name: [*P]}``.
+
+    Only names with both a value and a group are reduced, in the order of ``groups``: a spec made once
+    for the whole model (``heads(params_of(model))``) applies to values of part of it, as in
+    :func:`expand_groups`, and values without a group are left out.
+
+    Raises:
+        FisherError: a pattern that does not fit its value's shape.
+
+    """
+    out = {}
+    for name, spec in groups.items():
+        if name not in values:
+            continue
+        group = as_group(spec)
+        try:
+            out[name] = group.reduce(values[name])
+        except einops.EinopsError as err:
+            reason = str(err).strip().splitlines()[-1].strip()
+            raise FisherError(f"reduce_groups: group pattern {group.pattern!r} with {dict(group.sizes)} does not fit "
+                              f"the value for {name!r} of shape {tuple(values[name].shape)}: {reason}") from None
+    return out
 
 
 def expand_groups(values: Mapping[str, Tensor], groups: Groups, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -183,21 +203,156 @@ def whole(params: Mapping[str, Tensor]) -> dict[str, Group]:
 
 _ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o",
           "query": "q", "key": "k", "value": "v", "qkv": "qkv", "c_attn": "qkv", "in_proj": "qkv"}
+# nn.MultiheadAttention holds its input projections as parameters of its own
+_MHA_LEAVES = {"in_proj_weight": "qkv", "in_proj_bias": "qkv", "q_proj_weight": "q", "k_proj_weight": "k",
+               "v_proj_weight": "v"}
 
 
 def _role(name: str) -> str | None:
     owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-    if leaf in ("in_proj_weight", "in_proj_bias"):
-        return "qkv"
+    if leaf in _MHA_LEAVES:
+        return _MHA_LEAVES[leaf]
     last = owner.rsplit(".", 1)[-1]
     if last == "c_proj":  # GPT-2: attn.c_proj is the output projection, mlp.c_proj is not
         return "o" if re.search(r"(^|\.)attn\.c_proj$", owner) else None
     return _ROLES.get(last)
 
 
+def _layer_of(name: str) -> str:
+    """The attention layer of a projection parameter: the prefix of the module holding the projection
+    (``model.layers.0.self_attn.q_proj.weight`` → ``"model.layers.0.self_attn."``, ``attn.in_proj_weight``
+    → ``"attn."``, ``""`` at the top level).
+    """
+    parts = name.split(".")
+    prefix = ".".join(parts[:-1] if parts[-1] in _MHA_LEAVES else parts[:-2])
+    return prefix + "." if prefix else ""
+
+
+def _where(layer: str) -> str:
+    return repr(layer) if layer else "(top level)"
+
+
+class _Proj(NamedTuple):
+    """One projection parameter of an attention layer, as :func:`heads` sees it."""
+
+    name: str
+    role: str  # q, k, v, o, qkv
+    shape: tuple[int, ...]
+    conv1d: bool  # HF Conv1D layout [in, out]
+    size: int | None  # length of its (h d) axis; None: no head axis (output bias, scalar)
+    axis: str  # "rows" or "columns"
+
+    @classmethod
+    def of(cls, name: str, role: str, p: Tensor, conv1d: bool) -> "_Proj":
+        shape = tuple(p.shape)
+        if p.ndim == 0 or (role == "o" and p.ndim == 1):
+            return cls(name, role, shape, conv1d, None, "")
+        in_rows = conv1d if role == "o" else not conv1d  # Conv1D weights are [in, out], Linear ones [out, in]
+        axis = (shape[0], "rows") if in_rows or p.ndim == 1 else (shape[1], "columns")
+        return cls(name, role, shape, conv1d, *axis)
+
+    def pattern(self, split_qkv: bool) -> str:
+        if self.role == "o":
+            return "(h d) o -> h" if self.conv1d else "o (h d) -> h"
+        rows, keep = ("(three h d)", "three h" if split_qkv else "h") if self.role == "qkv" else ("(h d)", "h")
+        if len(self.shape) == 1:
+            return f"{rows} -> {keep}"
+        return f"i {rows} -> {keep}" if self.conv1d else f"{rows} i -> {keep}"
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+_Claims = list[tuple[int, str]]  # (value, where it comes from), e.g. (2, "model.config.num_key_value_heads=2")
+
+
+def _declared(model: nn.Module | None, modules: Mapping[str, nn.Module] | None, layer: str) -> dict[str, _Claims]:
+    """What a model states about one layer's heads: its attention module's ``num_heads``,
+    ``num_key_value_heads`` and ``head_dim`` (as ``nn.MultiheadAttention`` and GPT-2's attention carry
+    them), else ``model.config``'s ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim``.
+    """
+    out: dict[str, _Claims] = {"h": [], "kv": [], "d": []}
+    if model is None:
+        return out
+    owner = layer[:-1]
+    module = modules.get(owner) if owner else model
+    for key, attr in (("h", "num_heads"), ("kv", "num_key_value_heads"), ("d", "head_dim")):
+        if module is not None and _is_count(v := getattr(module, attr, None)):
+            out[key].append((v, f"{owner or 'model'}.{attr}={v}"))
+    config = getattr(model, "config", None)
+    for key, attr in (("h", "num_attention_heads"), ("kv", "num_key_value_heads"), ("d", "head_dim")):
+        if not out[key] and _is_count(v := getattr(config, attr, None)):
+            out[key].append((v, f"model.config.{attr}={v}"))
+    return out
+
+
+def _agree(what: str, layer: str, claims: _Claims) -> int | None:
+    """The one value all claims give (None without a claim); a FisherError listing them where they differ."""
+    if len({v for v, _ in claims}) > 1:
+        raise FisherError(f"heads: the {what} of layer {_where(layer)} do not agree: "
+                          + "; ".join(src for _, src in claims))
+    return claims[0][0] if claims else None
+
+
+def _layer_heads(layer: str, projs: list[_Proj], declared: dict[str, _Claims], num_heads: int | None,
+                 num_kv_heads: int | None) -> tuple[int, int]:
+    """Query and key/value heads ``(H, KV)`` of one attention layer, every source checked against the others.
+
+    ``H`` comes from ``num_heads`` and the model; the head size ``d`` from the ``(h d)`` axis of the q, output
+    and fused projections over ``H`` (and the model's ``head_dim``); ``KV`` from the k/v projections' ``(h d)``
+    axis over ``d``, ``num_kv_heads`` and the model.
+    """
+    h_claims = ([(num_heads, f"num_heads={num_heads}")] if num_heads is not None else []) + declared["h"]
+    h = _agree("query heads", layer, h_claims)
+    if h is None:
+        raise FisherError(f"heads: num_heads is needed for {projs[0].name!r}: no model was given whose attention "
+                          "module or config states num_heads / num_attention_heads")
+    d_claims = list(declared["d"])
+    for p in projs:
+        if p.role in ("k", "v") or p.size is None:
+            continue
+        three = 3 if p.role == "qkv" else 1
+        if p.size % (three * h):
+            sizes = {"three": 3, "h": h} if three == 3 else {"h": h}
+            raise FisherError(f"heads: group pattern {p.pattern(False)!r} with {sizes} does not fit parameter "
+                              f"{p.name!r} of shape {p.shape}: its {p.size} {p.axis} are not a multiple of "
+                              f"{'3 × ' if three == 3 else ''}{h_claims[0][1]} (each query head has d of them)")
+        d = p.size // (three * h)
+        d_claims.append((d, f"{p.name!r}: {p.size} {p.axis} / {'3 × ' if three == 3 else ''}{h} heads = head size {d}"))
+    d = _agree("head sizes", layer, d_claims)
+    kv_claims = ([(num_kv_heads, f"num_kv_heads={num_kv_heads}")] if num_kv_heads is not None else []) \
+        + declared["kv"]
+    kv_projs = [p for p in projs if p.role in ("k", "v") and p.size is not None]
+    for p in kv_projs if d is not None else []:
+        if p.size % d:
+            raise FisherError(f"heads: {p.name!r} of shape {p.shape} has {p.size} {p.axis}, not a multiple of the "
+                              f"head size {d} ({d_claims[0][1]})")
+        kv_claims.append((p.size // d, f"{p.name!r}: {p.size} {p.axis} / head size {d} = {p.size // d} "
+                                       "key/value heads"))
+    kv = _agree("key/value heads", layer, kv_claims)
+    if kv is None:
+        if kv_projs:
+            raise FisherError(f"heads: cannot tell the key/value heads of {some_names(p.name for p in kv_projs)}: "
+                              f"layer {_where(layer)} has no q, output or fused projection to give the head size "
+                              "and no model states it; pass num_kv_heads= or model=")
+        kv = h
+    if h % kv:
+        raise FisherError(f"heads: {kv} key/value heads ({kv_claims[0][1]}) do not divide the {h} query heads "
+                          f"({h_claims[0][1]}) of layer {_where(layer)}: grouped-query attention shares each "
+                          "key/value head among H / KV query heads")
+    for p in projs:
+        if p.role == "qkv" and kv != h:
+            src = "" if kv_claims[0][1].startswith("num_kv_heads=") else f" ({kv_claims[0][1]})"
+            raise FisherError(f"heads: fused projection {p.name!r} with num_kv_heads={kv} != num_heads={h}{src}: "
+                              "its q, k and v parts have different sizes, which "
+                              "'(three h d)' cannot split; pass separate q/k/v projections or a custom Group")
+    return h, kv
+
+
 def heads(
     params: Mapping[str, Tensor],
-    num_heads: int,
+    num_heads: int | None = None,
     names: Mapping[str, str] | Iterable[str] | None = None,
     num_kv_heads: int | None = None,
     model: nn.Module | None = None,
@@ -211,26 +366,48 @@ def heads(
     weight *does* divide into ``h`` under ``"(h d) i -> h"``, but each "head" would then mix q, k
     and v rows; the ``three`` axis keeps them apart (summed, or kept with ``split_qkv=True``).
 
+    Heads are worked out per attention layer (the module holding the projections, e.g.
+    ``model.layers.0.self_attn.``): ``H`` query heads from ``num_heads`` or the model; the head size
+    ``d`` = (q rows, output columns) / ``H``; the key/value heads ``KV`` = k/v rows / ``d``, so
+    grouped-query attention (``KV < H``, LLaMA's ``num_key_value_heads``) is found from the shapes
+    alone and each k/v group holds one real key/value head. With ``model``, the attention module's
+    ``num_heads`` / ``num_key_value_heads`` / ``head_dim`` (``nn.MultiheadAttention``, GPT-2) or else
+    ``model.config``'s ``num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` are read too.
+    Every source is checked against the others and the shapes.
+
     Args:
         params: ``{name: tensor}``.
-        num_heads: query heads ``H``.
+        num_heads: query heads ``H``; optional when ``model`` states them.
         names: ``{param_name: role}``, or names whose role is read from the module name
             (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``out_proj``, ``query``/``key``/``value``,
-            ``c_attn``, ``attn.c_proj``, ``qkv``, ``in_proj_weight``); default: every parameter
-            whose role can be read.
-        num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``).
-        model: the module the names come from, to find ``Conv1D`` layouts by type.
+            ``c_attn``, ``attn.c_proj``, ``qkv``, ``in_proj_weight``, ``q_proj_weight``, …); default:
+            every parameter whose role can be read. Only these projections are used to infer heads.
+        num_kv_heads: key/value heads ``KV`` (grouped-query attention), checked against the shapes
+            and the model; needed only for a layer given k/v projections alone, without ``model``.
+        model: the module the names come from: ``Conv1D`` layouts by type, head counts as above.
         split_qkv: keep q/k/v of fused projections apart: values ``[3, h]`` instead of ``[h]``.
 
     Returns:
-        ``{name: Group}`` with values ``[h]`` per parameter (``[3, h]`` for fused ones with
-        ``split_qkv``). Output-projection biases have no head axis and are left out.
+        ``{name: Group}`` with values ``[H]`` for q and output projections, ``[KV]`` for k/v ones and
+        ``[H]`` (``[3, H]`` with ``split_qkv``) for fused ones. Output-projection biases have no head
+        axis and are left out.
 
     Raises:
-        FisherError: an explicit name with an unknown role, or no attention parameter found.
+        FisherError: an explicit name with an unknown role; no attention parameter found; ``num_heads``
+            missing without a model that states it; ``num_heads``, ``num_kv_heads``, the model and the
+            shapes contradicting one another (the message lists each source and what it gives); a
+            fused projection under grouped-query attention.
+
+    Example:
+        >>> import torch, fisherfx as ffx
+        >>> params = {"attn.q_proj.weight": torch.zeros(8, 8), "attn.k_proj.weight": torch.zeros(4, 8)}
+        >>> ffx.heads(params, num_heads=4)["attn.k_proj.weight"]  # head size 2: 2 key/value heads
+        Group(pattern='(h d) i -> h', sizes={'h': 2})
 
     """
-    kv = num_heads if num_kv_heads is None else num_kv_heads
+    for arg, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if value is not None and not _is_count(value):
+            raise FisherError(f"heads: {arg} must be a positive int, got {value!r}")
     modules = _modules(model)
     if names is None:
         roles = {n: r for n in params if (r := _role(n)) is not None}
@@ -244,33 +421,23 @@ def heads(
             roles[n] = r
     if not roles:
         raise FisherError("heads: found no attention projection among the parameters; pass names=")
-    out = {}
+    layers: dict[str, list[_Proj]] = {}
     for name, role in roles.items():
         if name not in params:
             raise FisherError(f"heads: unknown parameter {name!r}; known parameters: {some_names(params)}")
-        p = params[name]
-        conv1d = p.ndim == 2 and _is_conv1d(name, modules)
-        h = kv if role in ("k", "v") else num_heads
-        if role in ("q", "k", "v"):
-            pattern = "(h d) -> h" if p.ndim == 1 else ("i (h d) -> h" if conv1d else "(h d) i -> h")
-            out[name] = Group(pattern, {"h": h})
-        elif role == "o":
-            if p.ndim == 1:
-                continue
-            out[name] = Group("(h d) o -> h" if conv1d else "o (h d) -> h", {"h": h})
-        elif role == "qkv":
-            if kv != num_heads:
-                raise FisherError(f"heads: fused projection {name!r} with num_kv_heads={kv} != num_heads={num_heads}: "
-                                  "its q, k and v parts have different sizes, which '(three h d)' cannot split; "
-                                  "pass separate q/k/v projections or a custom Group")
-            rows = "(three h d)"
-            keep = "three h" if split_qkv else "h"
-            pattern = f"{rows} -> {keep}" if p.ndim == 1 else (
-                f"i {rows} -> {keep}" if conv1d else f"{rows} i -> {keep}")
-            out[name] = Group(pattern, {"three": 3, "h": h})
-        else:
+        if role not in ("q", "k", "v", "o", "qkv"):
             raise FisherError(f"heads: role {role!r} of {name!r} is not one of 'q', 'k', 'v', 'o', 'qkv'")
-    return check_groups(out, params, "heads")
+        conv1d = params[name].ndim == 2 and _is_conv1d(name, modules)
+        layers.setdefault(_layer_of(name), []).append(_Proj.of(name, role, params[name], conv1d))
+    out = {}
+    for layer, projs in layers.items():
+        h, kv = _layer_heads(layer, projs, _declared(model, modules, layer), num_heads, num_kv_heads)
+        for p in projs:
+            if p.role == "o" and p.size is None:
+                continue
+            sizes = {"three": 3, "h": h} if p.role == "qkv" else {"h": kv if p.role in ("k", "v") else h}
+            out[p.name] = Group(p.pattern(split_qkv), sizes)
+    return check_groups({n: out[n] for n in roles if n in out}, params, "heads")
 
 
 # --- flat export -------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ group sum then *is* a bitmask of the entries it covered, so a head that mixes q,
 (or the wrong rows) shows up as the wrong set of indices, not as a slightly wrong number.
 """
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -198,10 +200,21 @@ def test_heads_gpt2_group_fisher_matches_column_slices_of_the_diagonal(gpt2):
     torch.testing.assert_close(got, expected, **SAME_MATH_F64)
 
 
-def test_heads_llama_grouped_query_attention():
-    model = build(lambda: tiny_llama(hidden=8, num_heads=4, num_kv_heads=2), 0)  # head dim 2
-    params = ffx.params_of(model)
-    groups = ffx.heads(params, num_heads=4, num_kv_heads=2, model=model)
+@pytest.fixture(scope="module")
+def llama_gqa():
+    model = build(lambda: tiny_llama(hidden=8, num_heads=4, num_kv_heads=2), 0)  # head dim 2: k_proj [4, 8]
+    return model, ffx.params_of(model)
+
+
+GQA_HOW = {"shapes": lambda m: {"num_heads": 4}, "config": lambda m: {"model": m},
+           "explicit": lambda m: {"num_heads": 4, "num_kv_heads": 2, "model": m}}
+
+
+@pytest.mark.parametrize("how", list(GQA_HOW))
+def test_heads_llama_grouped_query_attention(llama_gqa, how):
+    """From the shapes alone, from the config alone, or told: each k/v group holds one real 2-row kv head."""
+    model, params = llama_gqa
+    groups = ffx.heads(params, **GQA_HOW[how](model))
     attn = "model.layers.0.self_attn."
     assert set(groups) == {attn + p + "_proj.weight" for p in "qkvo"}
     rows = {attn + "q_proj.weight": index_bits(8, 8, axis=0), attn + "k_proj.weight": index_bits(4, 8, axis=0),
@@ -215,6 +228,117 @@ def test_heads_llama_grouped_query_attention():
     for h in range(2):
         assert covered(values[attn + "k_proj.weight"][h], copies=8) == {2 * h, 2 * h + 1}
         assert covered(values[attn + "v_proj.weight"][h], copies=8) == {2 * h, 2 * h + 1}
+
+
+def _llama(layers: int = 2, hidden: int = 16, num_heads: int = 4, num_kv_heads: int = 2, **config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=num_heads,
+                                        num_key_value_heads=num_kv_heads, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="eager",
+                                        **config))
+
+
+def test_heads_llama_head_dim_other_than_hidden_over_heads():
+    """``head_dim`` 4 with hidden 8 and 4 heads: q rows 16, k rows 8; the hidden size must not be used."""
+    model = build(lambda: _llama(layers=1, hidden=8, head_dim=4), 0)
+    params = ffx.params_of(model)
+    attn = "model.layers.0.self_attn."
+    assert params[attn + "k_proj.weight"].shape == (8, 8)
+    for kwargs in ({"num_heads": 4}, {"model": model}):
+        groups = ffx.heads(params, **kwargs)
+        values = ffx.reduce_groups({attn + "k_proj.weight": index_bits(8, 8, axis=0)}, groups)
+        assert [covered(v, copies=8) for v in values[attn + "k_proj.weight"]] == [{0, 1, 2, 3}, {4, 5, 6, 7}]
+
+
+LLAMA_CONTRADICTIONS = {
+    "num_kv_heads-vs-config-and-shapes": (
+        lambda m: {"num_heads": 4, "num_kv_heads": 4, "model": m},
+        "heads: the key/value heads of layer 'model.layers.0.self_attn.' do not agree: num_kv_heads=4; "
+        "model.config.num_key_value_heads=2; 'model.layers.0.self_attn.k_proj.weight': 4 rows / head size 2 = 2 "
+        "key/value heads; 'model.layers.0.self_attn.v_proj.weight': 4 rows / head size 2 = 2 key/value heads"),
+    "num_kv_heads-vs-shapes": (
+        lambda m: {"num_heads": 4, "num_kv_heads": 4},
+        "heads: the key/value heads of layer 'model.layers.0.self_attn.' do not agree: num_kv_heads=4; "
+        "'model.layers.0.self_attn.k_proj.weight': 4 rows / head size 2 = 2 key/value heads"),
+    "num_heads-not-dividing-q-rows": (
+        lambda m: {"num_heads": 3},
+        "heads: group pattern '(h d) i -> h' with {'h': 3} does not fit parameter "
+        "'model.layers.0.self_attn.q_proj.weight' of shape (8, 8): its 8 rows are not a multiple of num_heads=3"),
+    "num_heads-vs-config": (
+        lambda m: {"num_heads": 2, "model": m},
+        "heads: the query heads of layer 'model.layers.0.self_attn.' do not agree: num_heads=2; "
+        "model.config.num_attention_heads=4"),
+    "no-num_heads-and-no-model": (
+        lambda m: {},
+        "heads: num_heads is needed for 'model.layers.0.self_attn.q_proj.weight': no model was given"),
+    "num_kv_heads-not-positive": (lambda m: {"num_heads": 4, "num_kv_heads": 0},
+                                  "heads: num_kv_heads must be a positive int, got 0"),
+}
+
+
+@pytest.mark.parametrize("which", list(LLAMA_CONTRADICTIONS))
+def test_heads_contradicting_the_llama_shapes_or_config(llama_gqa, which):
+    model, params = llama_gqa
+    kwargs, message = LLAMA_CONTRADICTIONS[which]
+    with pytest.raises(ffx.FisherError, match=re.escape(message)):
+        ffx.heads(params, **kwargs(model))
+
+
+HAND_MADE_CONTRADICTIONS = {
+    "q-and-o-head-sizes": (
+        {"a.q_proj.weight": (8, 8), "a.o_proj.weight": (8, 16)}, {},
+        "heads: the head sizes of layer 'a.' do not agree: 'a.q_proj.weight': 8 rows / 4 heads = head size 2; "
+        "'a.o_proj.weight': 16 columns / 4 heads = head size 4"),
+    "kv-rows-not-a-multiple-of-the-head-size": (
+        {"a.q_proj.weight": (8, 8), "a.k_proj.weight": (5, 8)}, {},
+        "heads: 'a.k_proj.weight' of shape (5, 8) has 5 rows, not a multiple of the head size 2 "
+        "('a.q_proj.weight': 8 rows / 4 heads = head size 2)"),
+    "kv-heads-not-dividing-query-heads": (
+        {"a.q_proj.weight": (8, 8), "a.k_proj.weight": (6, 8)}, {},
+        "heads: 3 key/value heads ('a.k_proj.weight': 6 rows / head size 2 = 3 key/value heads) do not divide the "
+        "4 query heads (num_heads=4) of layer 'a.'"),
+    "kv-only-layer": (
+        {"a.k_proj.weight": (4, 8), "a.v_proj.weight": (4, 8)}, {},
+        "heads: cannot tell the key/value heads of 'a.k_proj.weight', 'a.v_proj.weight': layer 'a.' has no q, "
+        "output or fused projection to give the head size and no model states it; pass num_kv_heads= or model="),
+    "fused-under-gqa": (
+        {"attn.qkv.weight": (24, 8)}, {"num_kv_heads": 2},
+        "heads: fused projection 'attn.qkv.weight' with num_kv_heads=2 != num_heads=4: its q, k and v parts"),
+}
+
+
+@pytest.mark.parametrize("which", list(HAND_MADE_CONTRADICTIONS))
+def test_heads_contradicting_shapes(which):
+    shapes, kwargs, message = HAND_MADE_CONTRADICTIONS[which]
+    with pytest.raises(ffx.FisherError, match=re.escape(message)):
+        ffx.heads({k: torch.zeros(s) for k, s in shapes.items()}, num_heads=4, **kwargs)
+
+
+def test_heads_kv_only_layer_with_num_kv_heads():
+    params = {"a.k_proj.weight": torch.zeros(4, 8), "a.v_proj.bias": torch.zeros(4)}
+    assert ffx.heads(params, num_heads=4, num_kv_heads=2) == {
+        "a.k_proj.weight": ffx.Group("(h d) i -> h", {"h": 2}), "a.v_proj.bias": ffx.Group("(h d) -> h", {"h": 2})}
+
+
+def test_heads_per_layer():
+    """Every layer is worked out on its own: a second layer with other shapes gets its own key/value heads."""
+    params = {"l0.attn.q_proj.weight": torch.zeros(8, 8), "l0.attn.k_proj.weight": torch.zeros(4, 8),
+              "l1.attn.q_proj.weight": torch.zeros(16, 8), "l1.attn.k_proj.weight": torch.zeros(16, 8)}
+    groups = ffx.heads(params, num_heads=4)
+    assert groups["l0.attn.k_proj.weight"].sizes == {"h": 2} and groups["l1.attn.k_proj.weight"].sizes == {"h": 4}
+
+
+def test_heads_gpt2_from_the_model_alone(gpt2):
+    model, params = gpt2
+    assert ffx.heads(params, model=model) == ffx.heads(params, num_heads=2, model=model) == ffx.heads(params, 2)
+    with pytest.raises(ffx.FisherError, match=re.escape("heads: the query heads of layer 'transformer.h.0.attn.' "
+                                                        "do not agree: num_heads=4; transformer.h.0.attn.num_heads=2")):
+        ffx.heads(params, num_heads=4, model=model)
+    with pytest.raises(ffx.FisherError, match=re.escape("heads: fused projection 'transformer.h.0.attn.c_attn.weight' "
+                                                        "with num_kv_heads=1 != num_heads=2")):
+        ffx.heads(params, num_kv_heads=1, model=model)
 
 
 class MHANet(nn.Module):
@@ -253,12 +377,55 @@ def test_heads_multihead_attention_in_proj(split_qkv):
     assert all(bool((v > 0).all()) for v in est.value.values())
 
 
+def test_heads_multihead_attention_from_the_module():
+    model = build(MHANet, 0)
+    params = ffx.params_of(model)
+    assert ffx.heads(params, model=model) == ffx.heads(params, num_heads=3, model=model)
+    with pytest.raises(ffx.FisherError, match=re.escape("heads: the query heads of layer 'attn.' do not agree: "
+                                                        "num_heads=2; attn.num_heads=3")):
+        ffx.heads(params, num_heads=2, model=model)
+
+
+def test_heads_multihead_attention_with_kdim_and_vdim():
+    """Other key/value widths: separate ``q_proj_weight`` [6, 6], ``k_proj_weight`` [6, 4], ``v_proj_weight``
+    [6, 5], rows ``(h d)`` each; the bias stays fused."""
+    model = build(lambda: nn.MultiheadAttention(6, 3, kdim=4, vdim=5), 0)
+    params = ffx.params_of(model)
+    groups = ffx.heads(params, model=model)
+    assert set(groups) == {"q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "out_proj.weight"}
+    for name, width in (("q_proj_weight", 6), ("k_proj_weight", 4), ("v_proj_weight", 5)):
+        value = ffx.reduce_groups({name: index_bits(6, width, axis=0)}, groups)[name]
+        assert [covered(v, copies=width) for v in value] == [{0, 1}, {2, 3}, {4, 5}]
+
+
 def test_heads_names_as_a_list_or_a_mapping():
     params = {"blk.query.weight": torch.zeros(6, 4), "blk.mix.weight": torch.zeros(4, 6)}
     by_list = ffx.heads(params, num_heads=3, names=["blk.query.weight"])
     assert by_list == {"blk.query.weight": ffx.Group("(h d) i -> h", {"h": 3})}
     by_map = ffx.heads(params, num_heads=3, names={"blk.query.weight": "q", "blk.mix.weight": "o"})
     assert by_map["blk.mix.weight"] == ffx.Group("o (h d) -> h", {"h": 3})
+
+
+# --- reduce_groups ----------------------------------------------------------------------------------
+
+def test_reduce_groups_with_a_spec_for_more_parameters(gpt2):
+    """A spec for the whole model applies to values of part of it (as expand_groups accepts them)."""
+    model, params = gpt2
+    spec = {**ffx.whole(params), **ffx.heads(params, model=model)}
+    part = ["transformer.h.0.attn.c_attn.weight", "transformer.wte.weight"]
+    x = probe({k: params[k] for k in part})
+    got = ffx.reduce_groups({**x, "not.in.the.spec": torch.ones(3)}, spec)
+    assert list(got) == [k for k in spec if k in part]  # in the order of the spec; values without a group left out
+    assert_tree_close(got, {k: spec[k].reduce(x[k]) for k in part}, rtol=0, atol=0)
+    back = ffx.expand_groups(got, spec, params)
+    assert_tree_close(ffx.reduce_groups(back, spec), {k: v * (params[k].numel() // v.numel()) for k, v in got.items()},
+                      **SAME_MATH_F64)
+
+
+def test_reduce_groups_with_a_value_of_the_wrong_shape():
+    with pytest.raises(ffx.FisherError, match=re.escape("reduce_groups: group pattern 'o i -> o' with {} does not fit "
+                                                        "the value for 'w' of shape (3,)")):
+        ffx.reduce_groups({"w": torch.ones(3)}, {"w": "o i -> o"})
 
 
 # --- flat export ------------------------------------------------------------------------------------
