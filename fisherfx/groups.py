@@ -21,8 +21,8 @@ whole tensor                    ``"... -> "``                     ``[]``
 import itertools
 import re
 import sys
-from collections.abc import Iterable, Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal, NamedTuple
 
 import einops
 import torch
@@ -390,7 +390,7 @@ def heads(
     Returns:
         ``{name: Group}`` with values ``[H]`` for q and output projections, ``[KV]`` for k/v ones and
         ``[H]`` (``[3, H]`` with ``split_qkv``) for fused ones. Output-projection biases have no head
-        axis and are left out.
+        axis and are left out. :func:`head_totals` combines them into one value per query head.
 
     Raises:
         FisherError: an explicit name with an unknown role; no attention parameter found; ``num_heads``
@@ -438,6 +438,102 @@ def heads(
             sizes = {"three": 3, "h": h} if p.role == "qkv" else {"h": kv if p.role in ("k", "v") else h}
             out[p.name] = Group(p.pattern(split_qkv), sizes)
     return check_groups({n: out[n] for n in roles if n in out}, params, "heads")
+
+
+def head_totals(
+    values: Mapping[str, Tensor],
+    groups: Groups,
+    num_heads: int | None = None,
+    shared: Literal["split", "full"] = "split",
+    layer_of: Callable[[str], str] | None = None,
+) -> dict[str, Tensor]:
+    """One value per query head and attention layer, from per-projection head values.
+
+    :func:`heads` gives values per projection: ``[H]`` for q and output projections, ``[KV]`` for the
+    k/v projections of grouped-query attention, ``[H]`` or ``[3, H]`` for fused ones (``c_attn``,
+    ``in_proj_weight``). They cannot simply be added. Here each layer's values (biases with a head axis
+    included; the ``three`` axis summed) ``v_p ∈ R^{h_p}`` are combined; each ``h_p`` divides the layer's
+    ``H`` and ``g_p = H / h_p`` query heads read head ``j`` of ``p`` (``g_p = 1`` for q, output and fused
+    projections, ``H / KV`` for GQA k/v). Query head ``i`` reads key/value head ``⌊i / g⌋``, as
+    HuggingFace's ``repeat_kv`` does, and gets
+
+    ``T_i = Σ_p w_p · v_p[⌊i / g_p⌋]``, with ``w_p = 1 / g_p`` (``shared="split"``) or ``w_p = 1`` (``"full"``).
+
+    ``"split"`` divides a shared key/value head evenly among its query heads, so that the totals sum to
+    the layer's total, ``Σ_i T_i = Σ_p Σ_j v_p[j]`` (the group Fisher of all its head parameters).
+    ``"full"`` gives each query head the whole value of the key/value head it reads (what it sees; the
+    totals then count each k/v value ``g`` times). Without GQA both are the plain sum over projections.
+
+    Args:
+        values: ``{name: [h] or [3, h]}`` group values from a :func:`heads` spec, e.g.
+            ``group_fisher(problem, params, batch, spec).value`` or ``mask_importance(...).value``.
+        groups: the spec that produced them (names in it without a value are ignored).
+        num_heads: query heads ``H``, checked in every layer; default: the largest head count among a
+            layer's values (a layer given only k/v values then needs it).
+        shared: ``"split"`` or ``"full"``, how a key/value head's value is shared, as above.
+        layer_of: ``name -> layer``; default: the module holding the projection, with a trailing dot
+            (``"model.layers.0.self_attn."``, ``"transformer.h.0.attn."``, ``"attn."`` for
+            ``nn.MultiheadAttention``). Pass one to merge projections held by sibling modules (BERT's
+            ``attention.self`` and ``attention.output``).
+
+    Returns:
+        ``{layer: [H]}`` in the order layers first appear in ``values``, in the values' promoted dtype;
+        ``torch.stack(list(totals.values()))`` gives ``[L, H]`` where layers have equal ``H``.
+
+    Raises:
+        FisherError: a value without a group, or whose group has no head axis (``-> h``,
+            ``-> three h``); a value whose shape does not match its group; head counts that do not
+            divide the layer's ``H``; a q, output or fused value with other than ``H`` heads; a layer
+            of k/v values only without ``num_heads``; an unknown ``shared``.
+
+    Example:
+        >>> import torch, fisherfx as ffx
+        >>> spec = {"a.q_proj.weight": ffx.Group("(h d) i -> h", {"h": 4}),
+        ...         "a.k_proj.weight": ffx.Group("(h d) i -> h", {"h": 2})}
+        >>> ffx.head_totals({"a.q_proj.weight": torch.ones(4), "a.k_proj.weight": torch.tensor([2.0, 4.0])}, spec)
+        {'a.': tensor([2., 2., 3., 3.])}
+
+    """
+    where = "head_totals"
+    if shared not in ("split", "full"):
+        raise FisherError(f"{where}: shared must be 'split' or 'full', got {shared!r}")
+    if num_heads is not None and not _is_count(num_heads):
+        raise FisherError(f"{where}: num_heads must be a positive int, got {num_heads!r}")
+    missing = [k for k in values if k not in groups]
+    if missing:
+        raise FisherError(f"{where}: no group spec for {some_names(missing)}; the groups cover {some_names(groups)}")
+    layer_of = layer_of or _layer_of
+    layers: dict[str, list[tuple[str, Tensor]]] = {}
+    for name, value in values.items():
+        group = as_group(groups[name])
+        axes = tuple(group.pattern.split("->")[-1].split())
+        if axes not in (("h",), ("three", "h")):
+            raise FisherError(f"{where}: the group of {name!r} ({group.pattern!r}) has no head axis; expected a "
+                              "spec from heads(), reducing to '-> h' or '-> three h'")
+        want = tuple(group.sizes.get(a) for a in axes)
+        if value.ndim != len(axes) or any(w is not None and s != w for s, w in zip(value.shape, want)):
+            expected = "(" + ", ".join(str(a if w is None else w) for w, a in zip(want, axes)) + ",)"[len(axes) > 1:]
+            raise FisherError(f"{where}: value for {name!r} has shape {tuple(value.shape)}, expected {expected} "
+                              f"from pattern {group.pattern!r} with {dict(group.sizes)}")
+        layers.setdefault(layer_of(name), []).append((name, value.sum(0) if len(axes) == 2 else value))
+    totals = {}
+    for layer, items in layers.items():
+        if num_heads is None and all(_role(n) in ("k", "v") for n, _ in items):
+            raise FisherError(f"{where}: layer {_where(layer)} has key/value values only "
+                              f"({some_names(n for n, _ in items)}), which do not tell its query heads; "
+                              "pass num_heads=")
+        h = num_heads or max(v.shape[0] for _, v in items)
+        total = None
+        for name, v in items:
+            if v.shape[0] != h and (_role(name) in ("q", "o", "qkv") or h % v.shape[0]):
+                raise FisherError(f"{where}: {name!r} has {v.shape[0]} heads, but layer {_where(layer)} has {h} "
+                                  f"query heads ({'num_heads' if num_heads else 'its largest head count'}); "
+                                  "q, output and fused projections have H heads and key/value ones a divisor of H")
+            g = h // v.shape[0]
+            share = v.repeat_interleave(g) / (g if shared == "split" else 1)
+            total = share if total is None else total + share
+        totals[layer] = total
+    return totals
 
 
 # --- flat export -------------------------------------------------------------------------------
@@ -495,5 +591,5 @@ def from_flat(flat: Mapping[str, Tensor], sep: str = "|") -> dict[str, Tensor]:
     return out
 
 
-__all__ = ["Group", "as_group", "channels", "check_groups", "expand_groups", "from_flat", "heads",
+__all__ = ["Group", "as_group", "channels", "check_groups", "expand_groups", "from_flat", "head_totals", "heads",
            "inputs", "reduce_groups", "to_flat", "whole"]

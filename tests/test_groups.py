@@ -406,6 +406,125 @@ def test_heads_names_as_a_list_or_a_mapping():
     assert by_map["blk.mix.weight"] == ffx.Group("o (h d) -> h", {"h": 3})
 
 
+# --- head totals ------------------------------------------------------------------------------------
+
+def _llama_totals_by_hand(values, layer: str, shared: str) -> torch.Tensor:
+    """Per query head ``i`` of a 4-head, 2-kv-head layer: q and o value ``i``, k and v value ``i // 2``."""
+    def v(p, i):
+        return sum(values[f"{layer}{p}_proj.{leaf}"][i] for leaf in ("weight", "bias") if f"{layer}{p}_proj.{leaf}"
+                   in values)
+
+    w = 0.5 if shared == "split" else 1.0
+    return torch.stack([v("q", i) + v("o", i) + w * (v("k", i // 2) + v("v", i // 2)) for i in range(4)])
+
+
+@pytest.fixture(scope="module")
+def llama_head_fisher():
+    """Per-head group Fisher of a 2-layer LLaMA with 4 query and 2 key/value heads, q/k/v biases on."""
+    model = build(lambda: _llama(attention_bias=True), 0)
+    params = ffx.params_of(model)
+    spec = ffx.heads(params, model=model)
+    batch = {"input_ids": randint(0, VOCAB, 3, 5), "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2,
+                                                                                    [1] * 4 + [0]])}
+    est = ffx.group_fisher(ffx.causal_lm(model), params, batch, spec, dtype=F64)
+    return spec, est.value
+
+
+@pytest.mark.parametrize("shared", ["split", "full"])
+def test_head_totals_llama_gqa_against_a_hand_sum(llama_head_fisher, shared):
+    spec, values = llama_head_fisher
+    layers = ["model.layers.0.self_attn.", "model.layers.1.self_attn."]
+    assert values[layers[0] + "k_proj.weight"].shape == (2,) and values[layers[0] + "k_proj.bias"].shape == (2,)
+    totals = ffx.head_totals(values, spec, shared=shared)
+    assert list(totals) == layers
+    for layer in layers:
+        expected = _llama_totals_by_hand(values, layer, shared)
+        assert bool((expected > 0).all())
+        torch.testing.assert_close(totals[layer], expected, **SAME_MATH_F64)
+    assert not torch.allclose(totals[layers[0]], totals[layers[1]])
+
+
+def test_head_totals_split_sums_to_the_layer_total(llama_head_fisher):
+    spec, values = llama_head_fisher
+    totals = ffx.head_totals(values, spec, num_heads=4)
+    for layer, total in totals.items():
+        layer_total = sum(v.sum() for k, v in values.items() if k.startswith(layer))
+        torch.testing.assert_close(total.sum(), layer_total, **SAME_MATH_F64)
+
+
+@pytest.mark.parametrize("split_qkv", [False, True])
+def test_head_totals_gpt2_fused_c_attn_against_a_hand_sum(gpt2, split_qkv):
+    model, params = gpt2
+    spec = ffx.heads(params, model=model, split_qkv=split_qkv)
+    batch = {"input_ids": randint(0, VOCAB, 2, 5)}
+    values = ffx.group_fisher(ffx.causal_lm(model), params, batch, spec, dtype=F64).value
+    attn = "transformer.h.0.attn."
+    fused = [values[attn + "c_attn.weight"], values[attn + "c_attn.bias"]]
+    assert all(v.shape == ((3, 2) if split_qkv else (2,)) for v in fused)
+    expected = torch.stack([sum(float(v[..., h].sum()) for v in fused) + values[attn + "c_proj.weight"][h]
+                            for h in range(2)])
+    for shared in ("split", "full"):  # no key/value head is shared: both rules are the plain sum
+        totals = ffx.head_totals(values, spec, shared=shared)
+        assert list(totals) == [attn]
+        torch.testing.assert_close(totals[attn], expected, **SAME_MATH_F64)
+
+
+def test_head_totals_layer_of_merges_sibling_modules():
+    """BERT keeps q/k/v under ``attention.self`` and the output projection under ``attention.output``."""
+    spec = {"enc.0.attention.self.query.weight": ffx.Group("(h d) i -> h", {"h": 2}),
+            "enc.0.attention.output.dense.weight": ffx.Group("o (h d) -> h", {"h": 2})}
+    values = {"enc.0.attention.self.query.weight": torch.tensor([1.0, 2.0]),
+              "enc.0.attention.output.dense.weight": torch.tensor([10.0, 20.0])}
+    assert list(ffx.head_totals(values, spec)) == ["enc.0.attention.self.", "enc.0.attention.output."]
+    merged = ffx.head_totals(values, spec, layer_of=lambda name: name.split(".attention.")[0])
+    assert_tree_close(merged, {"enc.0": torch.tensor([11.0, 22.0])}, rtol=0, atol=0)
+
+
+def test_head_totals_ignores_groups_without_a_value():
+    spec = {"a.q_proj.weight": ffx.Group("(h d) i -> h", {"h": 2}),
+            "a.o_proj.weight": ffx.Group("o (h d) -> h", {"h": 2})}
+    got = ffx.head_totals({"a.q_proj.weight": torch.tensor([1.0, 2.0])}, spec)
+    assert_tree_close(got, {"a.": torch.tensor([1.0, 2.0])}, rtol=0, atol=0)
+
+
+GQA_SPEC = {"a.q_proj.weight": ffx.Group("(h d) i -> h", {"h": 4}),
+            "a.k_proj.weight": ffx.Group("(h d) i -> h", {"h": 2}),
+            "a.qkv.weight": ffx.Group("(three h d) i -> three h", {"three": 3, "h": 4}), "a.fc.weight": "o i -> o",
+            "b.k_proj.weight": ffx.Group("(h d) i -> h", {"h": 2}), "a.x.weight": ffx.Group("(h d) i -> h", {"h": 3})}
+HEAD_TOTALS_ERRORS = {
+    "no-group": ({"a.v_proj.weight": torch.ones(2)}, {},
+                 "head_totals: no group spec for 'a.v_proj.weight'; the groups cover 'a.q_proj.weight'"),
+    "not-a-head-group": ({"a.fc.weight": torch.ones(3)}, {},
+                         "head_totals: the group of 'a.fc.weight' ('o i -> o') has no head axis"),
+    "wrong-shape": ({"a.q_proj.weight": torch.ones(4), "a.k_proj.weight": torch.ones(4)}, {},
+                    "head_totals: value for 'a.k_proj.weight' has shape (4,), expected (2,) from pattern "
+                    "'(h d) i -> h' with {'h': 2}"),
+    "fused-without-the-three-axis": ({"a.qkv.weight": torch.ones(4)}, {},
+                                     "head_totals: value for 'a.qkv.weight' has shape (4,), expected (3, 4)"),
+    "kv-heads-not-dividing": ({"a.q_proj.weight": torch.ones(4), "a.x.weight": torch.ones(3)}, {},
+                              "head_totals: 'a.x.weight' has 3 heads, but layer 'a.' has 4 query heads"),
+    "q-with-other-than-num_heads": ({"a.q_proj.weight": torch.ones(4)}, {"num_heads": 8},
+                                    "head_totals: 'a.q_proj.weight' has 4 heads, but layer 'a.' has 8 query heads"),
+    "kv-only-layer": ({"b.k_proj.weight": torch.ones(2)}, {},
+                      "head_totals: layer 'b.' has key/value values only ('b.k_proj.weight'), which do not tell its "
+                      "query heads; pass num_heads="),
+    "unknown-rule": ({"a.q_proj.weight": torch.ones(4)}, {"shared": "mean"},
+                     "head_totals: shared must be 'split' or 'full', got 'mean'"),
+}
+
+
+@pytest.mark.parametrize("which", list(HEAD_TOTALS_ERRORS))
+def test_head_totals_refuses_mismatched_values(which):
+    values, kwargs, message = HEAD_TOTALS_ERRORS[which]
+    with pytest.raises(ffx.FisherError, match=re.escape(message)):
+        ffx.head_totals(values, GQA_SPEC, **kwargs)
+
+
+def test_head_totals_kv_only_layer_with_num_heads():
+    got = ffx.head_totals({"b.k_proj.weight": torch.tensor([2.0, 4.0])}, GQA_SPEC, num_heads=4, shared="full")
+    assert_tree_close(got, {"b.": torch.tensor([2.0, 2.0, 4.0, 4.0])}, rtol=0, atol=0)
+
+
 # --- reduce_groups ----------------------------------------------------------------------------------
 
 def test_reduce_groups_with_a_spec_for_more_parameters(gpt2):
