@@ -67,17 +67,47 @@ def _dense(uses: list[Use], lo: int, hi: int, dtype: torch.dtype) -> tuple[Tenso
     return a, b
 
 
-def _explicit(uses: list[Use], lo: int, hi: int, dtype: torch.dtype) -> Tensor:
-    """Per-unit gradients ``G_u`` ``[c, *size]`` of units ``lo:hi``."""
+class Workspace:
+    """One scratch buffer that every chunk of one estimate call reuses (grown on demand).
+
+    A view it hands out is valid until the next :meth:`take`; it lives only as long as the call.
+    """
+
+    def __init__(self) -> None:
+        self.flat: Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        size = math.prod(shape)
+        flat = self.flat
+        if flat is None or flat.numel() < size or flat.dtype != dtype or flat.device != device:
+            flat = self.flat = torch.empty(size, dtype=dtype, device=device)
+        return flat[:size].view(shape)
+
+
+def _explicit(uses: list[Use], lo: int, hi: int, dtype: torch.dtype, ws: Workspace | None = None) -> Tensor:
+    """Per-unit gradients ``G_u`` ``[c, *size]`` of units ``lo:hi`` (in ``ws``'s buffer when given).
+
+    The first outer use writes the result with ``bmm`` (no zero fill); the others add into it.
+    """
     c = hi - lo
-    total = torch.zeros((c, *uses[0].size), dtype=dtype, device=uses[0].a.device)
-    for u in uses:
+    shape = (c, *uses[0].size)
+    device = uses[0].a.device
+    total = None
+    for u in sorted(uses, key=lambda u: u.form != "outer" or u.grads is not None):
+        if u.form == "outer" and u.grads is None:
+            a, b = u.a[lo:hi].to(dtype).transpose(1, 2), u.b(lo, hi).to(dtype)
+            if total is None:
+                total = torch.bmm(a, b) if ws is None else torch.bmm(a, b, out=ws.take(shape, dtype, device))
+            else:
+                total.baddbmm_(a, b)
+            continue
+        if total is None:
+            total = torch.zeros(shape, dtype=dtype, device=device) if ws is None else \
+                ws.take(shape, dtype, device).zero_()
         if u.form == "vector":
             total += u.a[lo:hi].to(dtype).sum(1)
         elif u.grads is not None:
             total += u.grads(lo, hi).to(dtype)
-        elif u.form == "outer":
-            total.baddbmm_(u.a[lo:hi].to(dtype).transpose(1, 2), u.b(lo, hi).to(dtype))
         else:
             idx, b = u.a[lo:hi], u.b(lo, hi).to(dtype)
             o = u.size[0]
@@ -85,6 +115,19 @@ def _explicit(uses: list[Use], lo: int, hi: int, dtype: torch.dtype) -> Tensor:
             unit = torch.arange(c, device=idx.device)[:, None].expand_as(idx)
             total.view(c * o, -1).index_add_(0, (unit * o + idx)[keep], b[keep])
     return total
+
+
+def _add_squares(total: Tensor, g: Tensor) -> None:
+    """``total += Σ_c g_c ⊙ g_c`` for scratch ``g`` ``[c, *size]`` (which may be overwritten).
+
+    Large entries: one fused ``addcmul`` per unit (``g`` is read once); small ones: squared in
+    place and summed (fewer calls).
+    """
+    if g[0].numel() >= 1 << 15:
+        for k in range(g.shape[0]):
+            total.addcmul_(g[k], g[k])
+    else:
+        total += g.square_().sum(0)
 
 
 def _aggregate(uses: list[Use], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -103,7 +146,7 @@ def _one_position(uses: list[Use]) -> bool:
     return len(uses) == 1 and uses[0].form == "outer" and uses[0].a.shape[1] == 1
 
 
-def _squares(uses: list[Use], what: str, dtype: torch.dtype, cap: int | None) -> Tensor:
+def _squares(uses: list[Use], what: str, dtype: torch.dtype, cap: int | None, ws: Workspace | None = None) -> Tensor:
     """``diag`` ``[o, i]``/``[d]``, ``rows`` ``[o]`` or ``cols`` ``[i]`` (before grouping)."""
     forms = {u.form for u in uses}
     units = uses[0].a.shape[0]
@@ -139,9 +182,11 @@ def _squares(uses: list[Use], what: str, dtype: torch.dtype, cap: int | None) ->
                 a, b = b, a
             k = b @ b.transpose(1, 2)  # [c, P, P]
             total += (a * (k @ a)).sum((0, 1))
+        elif what == "diag":
+            _add_squares(total, _explicit(uses, lo, hi, dtype, ws))
         else:
-            g2 = _explicit(uses, lo, hi, dtype) ** 2
-            total += g2.sum(0) if what == "diag" else g2.sum((0, 2) if what == "rows" else (0, 1))
+            g2 = _explicit(uses, lo, hi, dtype, ws).square_()
+            total += g2.sum((0, 2) if what == "rows" else (0, 1))
     return total
 
 
@@ -171,7 +216,7 @@ def _projected(uses: list[Use], what: str, theta: Tensor, lo: int, hi: int, dtyp
     return total
 
 
-def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None) -> Tensor:
+def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None, ws: Workspace | None = None) -> Tensor:
     """Sum over units of one parameter's estimator (see the module docstring).
 
     Args:
@@ -179,6 +224,7 @@ def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None)
         plan: what to accumulate.
         dtype: accumulation dtype.
         cap: at most this many units per chunk (``None``: by memory only).
+        ws: scratch space reused across chunks and parameters (``None``: fresh tensors).
 
     Returns:
         ``diag``: ``[*size]`` (the 2-D layout, or ``[d]``); the others: ``[groups]``, except
@@ -187,7 +233,7 @@ def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None)
     """
     what = plan.what
     if what in ("diag", "rows", "cols"):
-        values = _squares(uses, what, dtype, cap)
+        values = _squares(uses, what, dtype, cap, ws)
         if what == "diag":
             return values
         return torch.zeros(plan.groups, dtype=dtype, device=values.device).index_add_(0, plan.gid, values)
@@ -314,5 +360,5 @@ def group_ids(pattern: str, sizes: dict[str, int], shape: tuple[int, ...], size:
     return None
 
 
-__all__ = ["BUDGET", "Plan", "accumulate", "group_ids", "group_reduce", "make_plan", "position_units"]
+__all__ = ["BUDGET", "Plan", "Workspace", "accumulate", "group_ids", "group_reduce", "make_plan", "position_units"]
 

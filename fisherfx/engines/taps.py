@@ -40,7 +40,7 @@ from ..likelihoods import check_classes, check_shapes
 from ..problems import Prepared, Problem
 from . import _tap_checks as checks
 from . import _tap_layers as layers
-from ._tap_estimators import accumulate, group_reduce, make_plan, position_units
+from ._tap_estimators import Workspace, accumulate, group_reduce, make_plan, position_units
 from ._tap_layers import Use
 from .cotangents import Kind, position_vectors
 
@@ -365,6 +365,7 @@ def estimate(
         plans = {name: make_plan([u for _, u in found[name]], requests[name], params[name], dtype) for name in todo}
         cap = chunk_size * t if chunk_size is not None and per_position else chunk_size
         sums = {name: torch.zeros((), dtype=dtype, device=device) for name in todo}
+        ws = Workspace()
         calls_of = {name: [i for i, _ in found.get(name, [])] for name in todo}
         for r in range(vectors.shape[0]):
             if r > 0:
@@ -379,7 +380,7 @@ def estimate(
                 if per_position:
                     use_list = position_units(use_list, [probes[i] for i, _ in found.get(name, [])], t)
                 if use_list:
-                    sums[name] = sums[name] + accumulate(use_list, plans[name][0], dtype, cap)
+                    sums[name] = sums[name] + accumulate(use_list, plans[name][0], dtype, cap, ws)
             found = {}
     out = {}
     for name in todo:
