@@ -154,9 +154,20 @@ def test_causal_lm_with_a_non_contiguous_attention_mask(lm):
 def test_causal_lm_with_unexpected_keys(lm):
     problem, params = lm
     ids = randint(0, 11, 2, 4)
-    with pytest.raises(ffx.FisherError, match=re.escape("causal_lm: unexpected batch keys ['token_type_ids']; "
-                                                        "expected some of ['attention_mask', 'input_ids', 'labels']")):
-        ffx.diag_fisher(problem, params, {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)})
+    # keys GPT2LMHeadModel.forward takes (token_type_ids, position_ids, ...) are accepted; others are named
+    expected = (re.escape("causal_lm: unexpected batch keys ['pixel_values']; expected some of ['attention_mask', ")
+                + r".*'input_ids', 'labels', 'position_ids', 'token_type_ids'\] \(the keys GPT2LMHeadModel.forward "
+                  r"takes\)")
+    with pytest.raises(ffx.FisherError, match=expected):
+        ffx.diag_fisher(problem, params, {"input_ids": ids, "pixel_values": torch.zeros(2, 3)})
+
+
+def test_causal_lm_with_a_key_that_is_not_batch_data(lm):
+    problem, params = lm
+    ids = randint(0, 11, 2, 4)
+    with pytest.raises(ffx.FisherError, match=r"causal_lm: batch key 'past_key_values' is not supported: causal_lm "
+                                              r"runs every sequence from its start, without a cache"):
+        ffx.diag_fisher(problem, params, {"input_ids": ids, "past_key_values": torch.zeros(2, 1)})
 
 
 def test_causal_lm_without_input_ids(lm):
@@ -170,6 +181,117 @@ def test_causal_lm_labels_of_another_shape(lm):
     ids = randint(0, 11, 2, 4)
     with pytest.raises(ffx.FisherError, match=r"causal_lm: labels of shape \(2, 3\) does not match input_ids \(2, 4\)"):
         ffx.diag_fisher(problem, params, {"input_ids": ids, "labels": ids[:, :3]})
+
+
+# --- batches the model cannot take: lists, token ids, dtypes, shapes, recurrent layers ------------
+
+@pytest.mark.parametrize(
+    ("part", "message"),
+    [
+        (0, r"supervised: inputs must be a tensor with the samples first, got a Python list of length 4; convert it "
+            r"with torch.tensor\(\.\.\.\)"),
+        (1, r"supervised: targets must be a tensor \[N, \.\.\.\], got a Python list of length 4; convert it"),
+        (2, r"supervised: mask must be a tensor \[N\] or \[N, T\], got a Python list of length 4; convert it"),
+    ],
+    ids=["inputs", "targets", "mask"],
+)
+def test_python_lists_in_a_supervised_batch(setup, part, message):
+    problem, params, (x, y) = setup
+    batch = [x, y, torch.ones(N, dtype=torch.bool)]
+    batch[part] = batch[part].tolist()
+    with pytest.raises(ffx.FisherError, match=message):
+        ffx.diag_fisher(problem, params, tuple(batch))
+
+
+def test_python_lists_in_positional_inputs(setup):
+    problem, params, (x, y) = setup
+    with pytest.raises(ffx.FisherError, match=re.escape("supervised: inputs[1] must be a tensor with the samples "
+                                                        "first, got a Python list of length 4; convert it with "
+                                                        "torch.tensor(...); the batch's inputs: ((4, 3) float32, a "
+                                                        "Python list of length 4)")):
+        ffx.diag_fisher(problem, params, ((x, y.tolist()), y))
+
+
+@pytest.mark.parametrize("key", ["input_ids", "attention_mask", "labels"])
+def test_python_lists_in_a_causal_lm_batch(lm, key):
+    problem, params = lm
+    batch = {"input_ids": randint(0, 11, 2, 4), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    batch[key] = batch[key].tolist()
+    with pytest.raises(ffx.FisherError, match=re.escape(f"causal_lm: {key} must be a tensor [N, T], got a Python list "
+                                                        "of length 2; convert it with torch.tensor(...)")):
+        ffx.diag_fisher(problem, params, batch)
+
+
+@pytest.mark.parametrize("bad", [11, -1], ids=["vocabulary", "negative"])
+def test_token_ids_outside_the_vocabulary(lm, bad):
+    problem, params = lm
+    ids = randint(0, 11, 2, 4)
+    ids[1, 2] = bad
+    low, high = min(int(ids.min()), bad), max(int(ids.max()), bad)
+    expected = (f"causal_lm: input_ids must lie in [0, 11) for the model's input embedding 'transformer.wte' "
+                f"(Embedding(11, 8)), padded positions included; row 1 holds {bad} (input_ids of shape (2, 4), ids "
+                f"from {low} to {high})")
+    with pytest.raises(ffx.FisherError, match=re.escape(expected)):
+        ffx.diag_fisher(problem, params, {"input_ids": ids})
+    with pytest.raises(ffx.FisherError, match=re.escape(expected.replace("causal_lm", "causal_lm", 1))):
+        ffx.nll(problem, params, {"input_ids": ids})
+
+
+ENGINES_NOT_WIRED = pytest.mark.xfail(reason="engine call sites not wired yet", strict=False)
+
+
+@ENGINES_NOT_WIRED
+@pytest.mark.parametrize("engine", ["auto", "generic", "taps"])
+def test_wrong_input_feature_size_names_the_module(engine):
+    model = mlp()
+    problem = ffx.supervised(model, ffx.Categorical())
+    x, y = randn(0, 12, 5, dtype=torch.float32), randint(1, C, 12)  # the model takes D = 3 features
+    with pytest.raises(ffx.FisherError, match=r"diag_fisher: the model's forward failed in module '0' "
+                                              r"\(Linear\(in_features=3, out_features=4, bias=True\)\), which got an "
+                                              r"input of shape \(12, 5\) float32; RuntimeError: mat1 and mat2 shapes "
+                                              r"cannot be multiplied \(12x5 and 3x4\)\. The batch's inputs: \(12, 5\) "
+                                              r"float32$"):
+        ffx.diag_fisher(problem, ffx.params_of(model), (x, y), engine=engine)
+
+
+@ENGINES_NOT_WIRED
+@pytest.mark.parametrize("engine", ["auto", "generic", "taps"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "f64"])
+def test_inputs_of_another_dtype_than_the_model(engine, dtype):
+    model = mlp().to(dtype)
+    problem = ffx.supervised(model, ffx.Categorical())
+    x, y = randn(0, N, D, dtype=torch.float32), randint(1, C, N)
+    with pytest.raises(ffx.FisherError, match=re.escape(
+            f"diag_fisher: the model's forward failed in module '0' (Linear(in_features=3, out_features=4, "
+            f"bias=True)), which got an input of shape (4, 3) float32; its parameters are {dtype} but it got "
+            f"torch.float32 inputs: cast the batch's floating-point inputs with .to({dtype})")):
+        ffx.diag_fisher(problem, ffx.params_of(model), (x, y), engine=engine)
+
+
+class Recurrent(nn.Module):
+    """A recurrent layer called with its default initial state, then a linear head."""
+
+    def __init__(self, cls: type):
+        super().__init__()
+        self.rnn, self.head = cls(D, 3, batch_first=True), nn.Linear(3, C)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@ENGINES_NOT_WIRED
+@pytest.mark.parametrize("engine", ["auto", "generic"])
+@pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
+def test_recurrent_layer_with_the_default_initial_state(cls, engine):
+    model = build(lambda: Recurrent(cls), 0)  # float64: the oneDNN kernel (float32 on CPU) fails otherwise
+    problem = ffx.supervised(model, ffx.Categorical())
+    x, y = randn(0, 8, 5, D), randint(1, C, 8)
+    with pytest.raises(ffx.FisherError, match=rf"diag_fisher: {cls.__name__} module 'rnn' creates its default "
+                                              r"initial state h0 inside its forward .* which vmap, used for per-sample "
+                                              r"gradients by the generic engine, cannot batch .* Pass an explicit zero "
+                                              r"h0 instead"):
+        ffx.diag_fisher(problem, ffx.params_of(model), (x, y), engine=engine)
 
 
 # --- parameters -------------------------------------------------------------------------------------
