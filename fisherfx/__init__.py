@@ -15,8 +15,9 @@ from .groups import (
                      to_flat,
                      whole,
 )
-from .likelihoods import Bernoulli, Categorical, Gaussian
-from .problems import Problem, causal_lm, params_of, supervised
+from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
+from .losses import nll
+from .problems import Prepared, Problem, causal_lm, left_align, model_call, params_of, supervised
 from .state import (
                      EMAState,
                      Estimate,
@@ -38,10 +39,16 @@ __all__ = [
     "Bernoulli",
     "Categorical",
     "Gaussian",
+    "Likelihood",
+    "Prepared",
     "Problem",
     "causal_lm",
+    "left_align",
+    "model_call",
     "params_of",
     "supervised",
+    # losses
+    "nll",
     # estimators
     "diag_fisher",
     "group_fisher",

@@ -234,7 +234,7 @@ def test_token_ids_outside_the_vocabulary(lm, bad):
                 f"from {low} to {high})")
     with pytest.raises(ffx.FisherError, match=re.escape(expected)):
         ffx.diag_fisher(problem, params, {"input_ids": ids})
-    with pytest.raises(ffx.FisherError, match=re.escape(expected.replace("causal_lm", "causal_lm", 1))):
+    with pytest.raises(ffx.FisherError, match=re.escape(expected)):
         ffx.nll(problem, params, {"input_ids": ids})
 
 
