@@ -1,9 +1,9 @@
 """Command line: ``fisherfx demo``.
 
-The demo trains a small MLP on scikit-learn's digits for about a second, then walks over the
-training set in batches, computing the token-normalised empirical and Monte-Carlo group Fisher per
-output channel, and keeps a bias-corrected EMA of each. It prints the EMA batch by batch and the
-top channels of every layer.
+The demo trains a small MLP (64-64-32-10) on scikit-learn's digits for 50 epochs of Adam (set
+``--epochs``), then walks over the training set in batches, computing the token-normalised
+empirical and Monte-Carlo group Fisher per output channel, and keeps a bias-corrected EMA of
+each. It prints the EMA batch by batch and the top channels of every layer.
 """
 
 import argparse
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fisherfx", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train a small MLP on digits and print its per-channel Fisher")
-    d.add_argument("--epochs", type=int, default=50, help="training epochs (default 50, about a second)")
+    d.add_argument("--epochs", type=int, default=50, help="training epochs (default 50)")
     d.add_argument("--batch-size", type=int, default=128)
     d.add_argument("--top", type=int, default=5, help="channels shown per layer")
     d.add_argument("--decay", type=float, default=0.9, help="EMA decay in (0, 1)")
