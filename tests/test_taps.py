@@ -390,6 +390,48 @@ def test_token_models_any_shape(n, t, seed, options, estimator, mixing):
     assert_values_close(got.value, want.value, **TAPS_VS_GENERIC)
 
 
+class SequenceFirst(nn.Module):
+    """A Linear applied to ``[T, N, d]``: its output's first axis holds positions, not samples."""
+
+    def __init__(self, vocab: int = 9, d: int = 4, c: int = 3):
+        super().__init__()
+        self.emb, self.lin, self.out = nn.Embedding(vocab, d), nn.Linear(d, d), nn.Linear(d, c)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.emb(ids)  # [N, T, d]
+        h = torch.tanh(self.lin(h.transpose(0, 1))).transpose(0, 1).cumsum(1)  # positions mix
+        return self.out(h)
+
+
+@settings(max_examples=30)
+@given(n=st.integers(1, 5), shift=st.sampled_from([0, 0, 1, -1]), seed=seeds, options=OPTIONS,
+       estimator=ESTIMATORS, model=st.sampled_from([Tagger, SequenceFirst]))
+def test_batch_size_equal_to_the_sequence_length(n, shift, seed, options, estimator, model):
+    """``N = T`` (a batch is cut in two parts, or probed) and its neighbours, against the generic engine."""
+    t = max(1, n + shift)
+    ids, labels = _tokens(n, t, 9, seed)
+    problem = ffx.supervised(_build(model, seed % 1000), ffx.Categorical())
+    params = ffx.params_of(problem.model)
+    got = _estimate(estimator, problem, params, (ids, labels), "auto", seed, dtype=F64, **options)
+    want = _estimate(estimator, problem, params, (ids, labels), "generic", seed, dtype=F64, **options)
+    assert_values_close(got.value, want.value, **TAPS_VS_GENERIC)
+
+
+def test_batch_size_equal_to_the_sequence_length_needs_no_probe(monkeypatch):
+    """``N = T``: the batch is cut where the shapes tell the sample axis; no probe backward runs, and
+    a layer whose first axis holds positions still falls back."""
+    calls = []
+    monkeypatch.setattr(taps.checks, "probe", lambda *a, **k: calls.append(1) or {})
+    ids, labels = _tokens(4, 4, 9, 0)
+    for model, unserved in ((Tagger, set()), (SequenceFirst, {"lin.weight", "lin.bias"})):
+        problem = ffx.supervised(_build(model, 0), ffx.Categorical())
+        params = ffx.params_of(problem.model)
+        assert set(params) - served(problem, params, (ids, labels), "empirical", "sample") == unserved
+    assert calls == []
+    assert taps.split_point(problem.prepare((ids, labels))) == 2
+    assert taps.split_point(problem.prepare(_tokens(4, 5, 9, 0))) is None
+
+
 @st.composite
 def conv_layers(draw) -> dict[str, Any]:
     """Keyword arguments of a Conv1d/Conv2d with 2 input and 3 output channels."""

@@ -64,7 +64,8 @@ def position_vectors(
 
 def count_vectors(r: int, t: int, width: int, kind: Kind, per: str) -> int:
     """``J``, the vectors of one sample: ``R`` (``per="sample"``), ``R·T`` (``per="token"``) or ``T·C``
-    (``kind="exact"``, ``K = C`` columns per position), with ``R`` the draws (1 unless MC)."""
+    (``kind="exact"``, ``K = C`` columns per position), with ``R`` the draws (1 unless MC).
+    """
     if kind == "exact":
         return t * width
     return r if per == "sample" else r * t

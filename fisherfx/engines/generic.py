@@ -113,7 +113,8 @@ def batching_rule_note(where: str) -> Iterator[None]:
 
 def _progress(where: str, n: int, units: int) -> Any:
     """A tqdm bar over samples that appears only after :data:`PROGRESS_DELAY` seconds (``None``
-    where tqdm is absent)."""
+    where tqdm is absent).
+    """
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency

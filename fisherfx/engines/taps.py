@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import FisherError
+from .._tree import map_tensors, tensors
 from ..likelihoods import check_classes, check_shapes
 from ..problems import Prepared, Problem
 from . import _tap_checks as checks
@@ -329,6 +330,46 @@ def estimate(
         FisherError: non-finite outputs, or random numbers drawn in the forward (dropout in train mode).
 
     """
+    n, t = prepared.active.shape
+    per_position = t > 1 and (per == "token" or kind == "exact") and int(prepared.active.sum(1).max()) > 1
+    cut = None if per_position else split_point(prepared)
+    if cut is None:
+        return _estimate(problem, params, prepared, requests, kind=kind, per=per, noise=noise, dtype=dtype,
+                         chunk_size=chunk_size, where=where)
+    parts = [_estimate(problem, params, _part(prepared, lo, hi), requests, kind=kind, per=per,
+                       noise=None if noise is None else noise[:, lo:hi], dtype=dtype, chunk_size=chunk_size,
+                       where=where, offset=lo) for lo, hi in ((0, cut), (cut, n))]
+    missing = {**parts[1].missing, **parts[0].missing}
+    sums = {name: parts[0].sums[name] + parts[1].sums[name] for name in requests
+            if name in parts[0].sums and name in parts[1].sums}
+    return Result(sums, {name: missing[name] for name in requests if name not in sums}, parts[0].width)
+
+
+def split_point(prepared: Prepared) -> int | None:
+    """Where to cut a batch whose size ``N`` equals a length of its inputs' other axes (``T``), or ``None``.
+
+    A layer output ``[N, T, d]`` with ``N = T`` could also hold its samples on the second axis, which
+    only two probe backwards could rule out; two parts whose sizes differ from every such length
+    make the sample axis unambiguous from the shapes, at the cost of a second, smaller pass.
+    """
+    n = prepared.active.shape[0]
+    lengths = {d for x in tensors(prepared.inputs) for d in x.shape[1:]} | set(prepared.active.shape[1:])
+    if n not in lengths:
+        return None
+    for cut in sorted(range(1, n), key=lambda c: abs(2 * c - n)):
+        if cut not in lengths and n - cut not in lengths:
+            return cut
+    return None
+
+
+def _part(prepared: Prepared, lo: int, hi: int) -> Prepared:
+    return Prepared(map_tensors(lambda x: x[lo:hi], prepared.inputs), prepared.targets[lo:hi], prepared.active[lo:hi])
+
+
+def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request], *,
+              kind: Kind, per: str, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str,
+              offset: int = 0) -> Result:
+    """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages)."""
     model, k = problem.model, layers.kinds()
     owned = _owned(model, list(requests), k)
     missing = {name: NO_LAYER for name in requests if name not in owned}
@@ -346,7 +387,7 @@ def estimate(
         check_outputs(where, problem, outputs, prepared)
         finite = torch.isfinite(outputs.detach()).reshape(n, -1).all(1)
         if not bool(finite.all()):
-            raise FisherError(f"{where}: the model's outputs for sample {int((~finite).nonzero()[0, 0])} "
+            raise FisherError(f"{where}: the model's outputs for sample {offset + int((~finite).nonzero()[0, 0])} "
                               "are not finite")
         vectors = _vectors(problem, outputs, prepared, kind, noise)
         run = _Run(outputs, tape, leaves, k, n, dtype)
