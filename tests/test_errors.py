@@ -238,10 +238,8 @@ def test_token_ids_outside_the_vocabulary(lm, bad):
         ffx.nll(problem, params, {"input_ids": ids})
 
 
-ENGINES_NOT_WIRED = pytest.mark.xfail(reason="engine call sites not wired yet", strict=False)
 
 
-@ENGINES_NOT_WIRED
 @pytest.mark.parametrize("engine", ["auto", "generic", "taps"])
 def test_wrong_input_feature_size_names_the_module(engine):
     model = mlp()
@@ -255,7 +253,6 @@ def test_wrong_input_feature_size_names_the_module(engine):
         ffx.diag_fisher(problem, ffx.params_of(model), (x, y), engine=engine)
 
 
-@ENGINES_NOT_WIRED
 @pytest.mark.parametrize("engine", ["auto", "generic", "taps"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "f64"])
 def test_inputs_of_another_dtype_than_the_model(engine, dtype):
@@ -280,7 +277,6 @@ class Recurrent(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-@ENGINES_NOT_WIRED
 @pytest.mark.parametrize("engine", ["auto", "generic"])
 @pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
 def test_recurrent_layer_with_the_default_initial_state(cls, engine):

@@ -26,7 +26,7 @@ from torch.func import vjp, vmap
 
 from .._errors import FisherError
 from .._tree import map_tensors
-from ..problems import Prepared, Problem
+from ..problems import Prepared, Problem, forward_failure
 from .cotangents import Kind, count_vectors, position_vectors, unit_vectors
 
 Reducer = Callable[[dict[str, Tensor]], dict[str, Tensor]]
@@ -212,8 +212,13 @@ def map_samples(
                         else:
                             result, finite = vmap(one, in_dims=in_dims)(map_tensors(lambda x: x[:, None], chunk[0]),
                                                                         *chunk[1:])
-                except RuntimeError as err:
-                    raise _translate(err) from err
+                except FisherError:
+                    raise
+                except Exception as err:
+                    translated = _translate(err) if isinstance(err, RuntimeError) else err
+                    if translated is err:
+                        translated = forward_failure(where, problem, params, prepared.inputs, err)
+                    raise translated from err
                 if not bool(finite.all()):
                     bad = start + int((~finite).nonzero()[0, 0])
                     raise FisherError(f"{where}: the model's outputs for sample {bad} are not finite")

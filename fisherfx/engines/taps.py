@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .._errors import FisherError
 from .._tree import map_tensors, tensors
 from ..likelihoods import check_classes, check_shapes
-from ..problems import Prepared, Problem
+from ..problems import Prepared, Problem, forward_failure
 from . import _tap_checks as checks
 from . import _tap_layers as layers
 from ._tap_estimators import Workspace, accumulate, group_reduce, make_plan, position_units
@@ -382,8 +382,13 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
     n, t = active.shape
     device = leaves[order[0]].device
     with _tapped(model, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
-        with rng_guard(where, device):
-            outputs = problem.forward(model, values, prepared.inputs)
+        try:
+            with rng_guard(where, device):
+                outputs = problem.forward(model, values, prepared.inputs)
+        except FisherError:
+            raise
+        except Exception as err:
+            raise forward_failure(where, problem, values, prepared.inputs, err) from err
         check_outputs(where, problem, outputs, prepared)
         finite = torch.isfinite(outputs.detach()).reshape(n, -1).all(1)
         if not bool(finite.all()):
