@@ -130,7 +130,7 @@ def _target_row(t, rows: list[dict], labels: dict[str, str]) -> tuple[str, str, 
         _versus(rows, t.workload, t.other, t.task, BASELINE)
     peer = "—" if base is None else f"{BASELINE}: {base[0]:.2f}× vs {base[1]:.2f}× ({base[0] / base[1] - 1:+.0%})"
     if both is None:
-        return what, f"n/a (needs {t.workload} and {t.other})", "n/a", peer, "—"
+        return what, f"n/a (run `{t.other}` too)", "n/a", peer, "—"
     change = both[0] / both[1] - 1
     ok = both[0] <= t.bound * both[1] if t.kind == "scaling" else abs(change) <= t.bound
     return what, f"{both[0]:.2f}× vs {both[1]:.2f}× ({change:+.0%})", "met" if ok else "**missed**", peer, "—"

@@ -34,6 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+if __name__ == "__main__":  # before tqdm is imported (it reads its environment then), so not when imported by a test
+    os.environ.setdefault("TQDM_DISABLE", "1")  # fisherfx's progress bar on long calls: noise in this output
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -502,7 +505,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # fisherfx's progress bar on long calls: noise in this output
     for message in ("Full backward hook is firing", "Using a non-full backward hook"):  # opacus, harmless here
         warnings.filterwarnings("ignore", message=message)
     if args.memory_child:

@@ -58,3 +58,33 @@ def test_an_engine_that_raises_is_recorded_not_fatal(monkeypatch):
     (row,) = [r for r in out["rows"] if r["task"] == "diag_emp"]
     assert row["status"].startswith("n/a: diag_fisher: engine='taps'"), row
     assert "| fisherfx taps | n/a |" in out["text"]
+
+
+def test_targets_of_every_kind_are_judged():
+    run = load_benchmark()
+
+    def row(key, task, method, ratio, mib=None):
+        return dict(workload=key, task=task, method=method, status="ok", ms=1.0, ratio=ratio, extra_peak_mib=mib)
+
+    auto = "fisherfx auto"
+    rows = [row("llama10m", "reference", "torch", None, 100.0), row("llama10m", "diag_emp", auto, 1.3, 90.0),
+            row("llama40m", "reference", "torch", None, 200.0), row("llama40m", "diag_emp", auto, 1.5, 150.0),
+            row("llama_nt", "diag_emp", auto, 2.0), row("llama_nt1", "diag_emp", auto, 1.9),
+            row("llama_token", "reference", "torch", None, 10.0),
+            row("llama_token", "diag_emp_token", auto, 30.0, 300.0),
+            row("llama_token", "diag_emp_token", run.VJP, 40.0)]
+    labels = {k: k for k in ("llama10m", "llama40m", "llama_nt", "llama_nt1", "llama_token")}
+    text = run.report.targets(rows, labels, {t.key: t.label for t in run.TASKS}, run.TARGETS)
+
+    def line(key, target):  # the one row of ``key`` whose target starts with ``target``
+        (hit,) = [x for x in text.splitlines() if f"| {key} | {target}" in x]
+        return hit
+
+    assert "| 1.30× | met |" in line("llama10m", "≤ 1.4×")
+    assert "| 90 MiB | met |" in line("llama10m", "extra peak ≤ 1× fwd+bwd's = 100 MiB")
+    assert "| 150 MiB | met |" in line("llama40m", "extra peak ≤ 1× fwd+bwd's = 200 MiB")
+    assert "| 1.50× vs 1.30× (+15%) | **missed** |" in line("llama40m", "ratio ≤ 1× its ratio at llama10m")
+    assert "| 2.00× vs 1.90× (+5%) | met |" in line("llama_nt", "ratio within ±15% of its ratio at llama_nt1")
+    assert "| 0.75× (30.00 vs 40.00 × fwd+bwd) | met |" in line("llama_token", f"≤ 1× {run.VJP}")
+    assert "| 300 MiB | **missed** |" in line("llama_token", "extra peak ≤ 1× fwd+bwd's + 256 MiB = 266 MiB")
+    assert "| 3 |" not in text  # issue 3's targets: none of their workloads ran
