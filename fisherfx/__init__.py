@@ -1,6 +1,7 @@
 """fisherfx: the Fisher information of PyTorch models, the ``torch.func`` way."""
 
 from ._errors import FisherError, FisherfxError
+from .explain import Explanation, Served, explain
 from .fisher import diag_fisher, group_fisher, mask_importance, per_sample_grads
 from .groups import (
                      Group,
@@ -54,6 +55,10 @@ __all__ = [
     "group_fisher",
     "mask_importance",
     "per_sample_grads",
+    # which engine serves what
+    "Explanation",
+    "Served",
+    "explain",
     # groups
     "Group",
     "channels",
