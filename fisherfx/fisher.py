@@ -105,10 +105,11 @@ def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], ba
     No forward runs here: the engines check the outputs against the targets on their own forward
     (:func:`check_outputs`).
     """
-    for name, module in problem.model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise FisherError(f"{where}: BatchNorm module {name!r} is in train mode, where it mixes samples and "
-                              "updates its running statistics; call model.eval() before computing the Fisher")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in problem.model.modules()):
+        name = next(k for k, m in problem.model.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training)
+        raise FisherError(f"{where}: BatchNorm module {name!r} is in train mode, where it mixes samples and "
+                          "updates its running statistics; call model.eval() before computing the Fisher")
     prepared = problem.prepare(batch)
     active = prepared.active
     n_active = int(active.sum())
@@ -142,12 +143,12 @@ def output_width(where: str, problem: Problem, params: Mapping[str, Tensor], pre
 
 
 def _finish(where: str, sums: dict[str, Tensor], scale: float, count: Tensor, storage_dtype, device) -> Estimate:
-    value = {}
-    for name, s in sums.items():
-        if not bool(torch.isfinite(s.sum())) and not bool(torch.isfinite(s).all()):  # fast path: the sum
-            raise FisherError(f"{where}: non-finite gradients for parameter {name!r} (inf or NaN in the "
-                              "loss or the model)")
-        value[name] = s * (scale / float(count))
+    if sums and not bool(torch.stack([s.sum() for s in sums.values()]).isfinite().all()):  # one check for all
+        bad = next(name for name, s in sums.items() if not bool(torch.isfinite(s).all()))
+        raise FisherError(f"{where}: non-finite gradients for parameter {bad!r} (inf or NaN in the loss or the "
+                          "model)")
+    factor = scale / float(count)
+    value = {name: s * factor for name, s in sums.items()}
     return _store(Estimate(value, count), storage_dtype, device)
 
 

@@ -18,6 +18,7 @@ whole tensor                    ``"... -> "``                     ``[]``
 ==============================  ===============================  =====================
 """
 
+import functools
 import itertools
 import re
 import sys
@@ -67,14 +68,24 @@ def check_groups(groups: Groups, params: Mapping[str, Tensor], where: str = "gro
                               f"{some_names(params)}")
         group = as_group(spec)
         shape = tuple(params[name].shape)
-        try:
-            group.reduce(torch.empty(shape, device="meta"))
-        except einops.EinopsError as err:
-            reason = str(err).strip().splitlines()[-1].strip()
+        reason = _misfit(group.pattern, tuple(sorted(group.sizes.items())), shape)
+        if reason is not None:
             raise FisherError(f"{where}: group pattern {group.pattern!r} with {group.sizes} does not fit "
-                              f"parameter {name!r} of shape {shape}: {reason}") from None
+                              f"parameter {name!r} of shape {shape}: {reason}")
         out[name] = group
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _misfit(pattern: str, sizes: tuple[tuple[str, int], ...], shape: tuple[int, ...]) -> str | None:
+    """Why ``pattern`` does not reduce a tensor of ``shape`` (``None`` if it does); a pure function
+    of its arguments, cached: estimators check the same specs at every call.
+    """
+    try:
+        einops.reduce(torch.empty(shape, device="meta"), pattern, "sum", **dict(sizes))
+    except einops.EinopsError as err:
+        return str(err).strip().splitlines()[-1].strip()
+    return None
 
 
 def some_names(names: Iterable[str], k: int = 6) -> str:

@@ -227,9 +227,10 @@ def check_classes(likelihood: Likelihood, outputs: Tensor, targets: Tensor, acti
         return
     if not isinstance(likelihood, Categorical):
         return
-    classes = targets[active]
     c = outputs.shape[-1]
-    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= c):
+    low, high = (int(v) for v in torch.aminmax(torch.where(active, targets, 0)))  # inactive ones count as 0
+    if low < 0 or high >= c:
+        classes = targets[active]
         raise FisherError(
             f"{where}: class targets must lie in [0, {c}) for model outputs with {c} classes (or equal "
             f"ignore_index={likelihood.ignore_index}), got targets from {int(classes.min())} to {int(classes.max())}"

@@ -28,6 +28,7 @@ mask          ``Σ_u (Σ_{j∈g} θ_j G_{u,j})²`` (any groups)     ``G_u`` in c
 Row and column values are summed into groups with ``index_add`` by a group id per row/column.
 """
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -330,13 +331,21 @@ def _text(axes: Any) -> str:
 
 def group_ids(pattern: str, sizes: dict[str, int], shape: tuple[int, ...], size: tuple[int, ...],
               device) -> tuple | None:
+    """:func:`_group_ids`, cached: a pure function of the pattern, the shapes and the device."""
+    return _group_ids(pattern, tuple(sorted(sizes.items())), tuple(shape), tuple(size), torch.device(device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_ids(pattern: str, sizes_items: tuple, shape: tuple[int, ...], size: tuple[int, ...],
+               device: torch.device) -> tuple | None:
     """``("rows" | "cols", id per row/column, number of groups, group shape)``, or ``None`` where the
     groups are not unions of whole rows or columns of the ``[o, i]`` layout (rows: the first axis).
 
     Read from the pattern (the kept axes all in the first axis: rows; none of them: columns), and
     the ids from the group sum of the first axis alone (or of the others), so no tensor of the
-    parameter's size is formed.
+    parameter's size is formed. The ids are read-only.
     """
+    sizes = dict(sizes_items)
     lhs, rhs = pattern.split("->")
     try:
         left, right = ParsedExpression(lhs), ParsedExpression(rhs)

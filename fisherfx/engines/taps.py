@@ -112,7 +112,7 @@ class _Tape(NamedTuple):
 
 
 @contextmanager
-def _tapped(model: nn.Module, key_of: Mapping[int, str], k: layers.Kinds, n: int) -> Iterator[_Tape]:
+def _tapped(modules: list[nn.Module], key_of: Mapping[int, str], k: layers.Kinds, n: int) -> Iterator[_Tape]:
     """Record the calls of supported modules whose weight or bias is one of ``key_of``'s tensors.
 
     The forward hooks run before any other forward hook (they see the layer's own output), and
@@ -137,9 +137,8 @@ def _tapped(model: nn.Module, key_of: Mapping[int, str], k: layers.Kinds, n: int
             calls.append(call)
 
     try:
-        for module in model.modules():
-            if layers.supported(module, k):
-                handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
+        for module in modules:
+            handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
         yield tape
     finally:
         recording[0] = False
@@ -161,18 +160,21 @@ def _flag(missing: dict[str, str], keys: Mapping[str, str], why: str) -> None:
         missing.setdefault(name, why)
 
 
-def _owned(model: nn.Module, names: list[str], k: layers.Kinds) -> set[str]:
-    """The names whose tensor is the weight or bias of a supported module (ties included)."""
+def _owned(model: nn.Module, names: list[str], k: layers.Kinds) -> tuple[set[str], list[nn.Module]]:
+    """The names whose tensor is the weight or bias of a supported module (ties included), and
+    the supported modules holding one of them (one walk over the model).
+    """
     own = dict(model.named_parameters(remove_duplicate=False))
     by_id = {id(own[n]): n for n in names}
-    out = set()
+    out, holders = set(), []
     for module in model.modules():
         if layers.supported(module, k):
-            for attr in ("weight", "bias"):
-                t = module._parameters.get(attr)
-                if t is not None and id(t) in by_id:
-                    out.add(by_id[id(t)])
-    return out
+            held = [by_id[id(t)] for attr in ("weight", "bias")
+                    if (t := module._parameters.get(attr)) is not None and id(t) in by_id]
+            if held:
+                out.update(held)
+                holders.append(module)
+    return out, holders
 
 
 @contextmanager
@@ -371,7 +373,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
               offset: int = 0) -> Result:
     """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages)."""
     model, k = problem.model, layers.kinds()
-    owned = _owned(model, list(requests), k)
+    owned, holders = _owned(model, list(requests), k)
     missing = {name: NO_LAYER for name in requests if name not in owned}
     order = [name for name in requests if name in owned]
     if not order:
@@ -381,7 +383,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
     active = prepared.active
     n, t = active.shape
     device = leaves[order[0]].device
-    with _tapped(model, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
+    with _tapped(holders, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
         try:
             with rng_guard(where, device):
                 outputs = problem.forward(model, values, prepared.inputs)
@@ -390,8 +392,8 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
         except Exception as err:
             raise forward_failure(where, problem, values, prepared.inputs, err) from err
         check_outputs(where, problem, outputs, prepared)
-        finite = torch.isfinite(outputs.detach()).reshape(n, -1).all(1)
-        if not bool(finite.all()):
+        if not bool(torch.isfinite(outputs.detach()).all()):
+            finite = torch.isfinite(outputs.detach()).reshape(n, -1).all(1)
             raise FisherError(f"{where}: the model's outputs for sample {offset + int((~finite).nonzero()[0, 0])} "
                               "are not finite")
         vectors = _vectors(problem, outputs, prepared, kind, noise)
@@ -426,7 +428,8 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                 if per_position:
                     use_list = position_units(use_list, [probes[i] for i, _ in found.get(name, [])], t)
                 if use_list:
-                    sums[name] = sums[name] + accumulate(use_list, plans[name][0], dtype, cap, ws)
+                    part = accumulate(use_list, plans[name][0], dtype, cap, ws)
+                    sums[name] = part if r == 0 else sums[name] + part
             found = {}
     out = {}
     for name in todo:
