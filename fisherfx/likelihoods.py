@@ -102,8 +102,11 @@ class Categorical(NamedTuple):
         return -torch.gather(logp, -1, targets[..., None])[..., 0]
 
     def nll_grad(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        onehot = torch.nn.functional.one_hot(targets, outputs.shape[-1]).to(outputs)
-        return torch.softmax(outputs, dim=-1) - onehot
+        grad = torch.softmax(outputs, dim=-1)  # softmax(f) − onehot(y), written into the softmax (no one-hot)
+        shape = (*torch.broadcast_shapes(grad.shape[:-1], targets.shape), grad.shape[-1])
+        if shape != grad.shape:  # targets with leading draw axes ([S, ..., T])
+            grad = grad.expand(shape).clone()
+        return grad.scatter_add_(-1, targets.expand(shape[:-1])[..., None], torch.full_like(grad[..., :1], -1.0))
 
     def noise(self, outputs_shape: torch.Size, n_samples: int, generator=None) -> Tensor:
         return torch.rand((n_samples, *outputs_shape[:-1]), generator=generator, device=_device(generator))

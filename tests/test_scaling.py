@@ -288,9 +288,8 @@ def memory() -> dict:
 
 
 # Bound on a generic-engine call's extra peak: its chunk of vectors (held once, plus the square of one
-# parameter's slice at a time in the reducer, plus the previous chunk's vectors, which map_samples
-# keeps alive while it computes the next: see the xfail below), the model's own activations (one
-# forward+backward of the batch, twice over for vmap's buffers) and a constant.
+# parameter's slice at a time in the reducer, plus slack for the one-hot cotangents and vmap's buffers),
+# the model's own activations (one forward+backward of the batch, twice over) and a constant.
 VECTOR_COPIES = 3
 CONSTANT = 16 * 2**20
 
@@ -329,11 +328,9 @@ def test_per_token_memory_is_bounded_by_chunk_size(memory):
     assert whole - small < VECTOR_COPIES * 43 * vector, report
 
 
-@pytest.mark.xfail(reason="map_samples keeps the previous chunk's vectors (`vectors`, `uj`) alive while the next "
-                          "chunk's vjp runs, so a call holds about 2 * chunk_size vectors", strict=False)
 def test_one_chunk_of_vectors_at_a_time(memory):
-    """12 more vectors per chunk cost about 12 vectors (measured: ~2 x 12 before the fix, 1.0-1.2 x 12 with
-    ``del vectors, uj`` after ``reduce`` in ``map_samples``)."""
+    """12 more vectors per chunk cost about 12 vectors (measured: ~2 x 12 when a chunk's vectors outlived
+    it, 1.0-1.2 x 12 since ``map_samples`` drops them before the next chunk's vjp)."""
     report = "; ".join(_in_vectors(memory, k) for k in ("exact_4", "exact_16", "token_4", "token_16"))
     for kind in ("exact", "token"):
         assert memory[f"{kind}_16"] - memory[f"{kind}_4"] < 1.5 * 12 * memory["vector"], report

@@ -116,6 +116,36 @@ def graph_covered(outputs: Tensor, calls: list, leaves: Mapping[str, Tensor],
     return {name for name, p in parents.items() if p and p <= inside[name]}, unused, consumers
 
 
+def roots(stops: list[Tensor]) -> list[Tensor]:
+    """The tensors of ``stops`` from whose node no other stop's node can be reached.
+
+    A backward asked for the gradients of these alone still computes every stop's gradient (each
+    stop lies on a path to a root), and returns only the roots' (one embedding output instead of
+    every layer's output gradient).
+    """
+    nodes = {t.grad_fn for t in stops if t.grad_fn is not None}
+    hit: dict = {}  # node -> whether it is a stop's node or has one below it
+
+    def at_or_below(start) -> bool:  # iterative post-order over the graph, memoised
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node is None or node in hit:
+                continue
+            children = [child for child, _ in node.next_functions if child is not None]
+            if expanded:
+                hit[node] = node in nodes or any(hit[child] for child in children)
+            else:
+                stack.append((node, True))
+                stack.extend((child, False) for child in children if child not in hit)
+        return hit.get(start, False)
+
+    def below(node) -> bool:
+        return any(at_or_below(child) for child, _ in node.next_functions if child is not None)
+
+    return [t for t in stops if t.grad_fn is None or not below(t.grad_fn)]
+
+
 def sums_match(use_list: list[Use], grad: Tensor | None, gen: torch.Generator, dtype: torch.dtype,
                tol: float) -> bool:
     """Whether the uses' summed contributions equal autograd's batch gradient ``grad``.
@@ -196,5 +226,5 @@ def probe(calls: list, check: list[int], outputs: Tensor, active: Tensor, backwa
     return out
 
 
-__all__ = ["NEGLIGIBLE", "TRUSTED", "graph_covered", "formula_holds", "probe", "sums_match", "tolerance",
+__all__ = ["NEGLIGIBLE", "TRUSTED", "graph_covered", "formula_holds", "probe", "roots", "sums_match", "tolerance",
            "trusted"]

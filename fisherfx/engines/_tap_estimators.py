@@ -42,7 +42,7 @@ from torch.func import vmap
 from ._tap_layers import Use
 
 _ELLIPSIS = "…"  # how einops' parser writes "..." in a composition
-BUDGET = 1 << 22  # elements of the largest temporary per chunk (per-unit gradients, Gram matrices)
+BUDGET = 1 << 21  # elements of the largest temporary per chunk (per-unit gradients, Gram matrices)
 
 
 class Plan(NamedTuple):

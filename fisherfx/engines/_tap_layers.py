@@ -109,15 +109,15 @@ def out_view(module: nn.Module, y: Tensor, k: Kinds) -> Tensor | None:
     return y.reshape(y.shape[0], -1, y.shape[-1]) if y.ndim >= 2 else None
 
 
-def position_shape(module: nn.Module, y: Tensor, k: Kinds) -> tuple[int, ...]:
-    """The position axes of a call's output (between the sample axis and the features).
+def position_shape(module: nn.Module, shape: tuple[int, ...], k: Kinds) -> tuple[int, ...]:
+    """The position axes of a call's output of ``shape`` (between the sample axis and the features).
 
     Convolutions give ``()``: their spatial axes cannot hold the samples of a batch.
     """
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return ()
     dims = len(module.normalized_shape) if isinstance(module, NORMS) else 1
-    return tuple(y.shape[1:y.ndim - dims])
+    return tuple(shape[1:len(shape) - dims])
 
 
 def _fixed(x: Tensor) -> Callable[[int, int], Tensor]:

@@ -54,10 +54,10 @@ def position_vectors(
     if outputs.dtype in (torch.float16, torch.bfloat16):  # softmax and sampling in float32
         outputs = outputs.float()
     mask = active[..., None].to(outputs.dtype)
-    if kind == "empirical":
-        return (likelihood.nll_grad(outputs, targets) * mask)[None]
+    if kind == "empirical":  # nll_grad returns a fresh tensor: masked in place
+        return likelihood.nll_grad(outputs, targets).mul_(mask)[None]
     if kind == "mc":
-        return likelihood.nll_grad(outputs, likelihood.sample(outputs, noise)) * mask
+        return likelihood.nll_grad(outputs, likelihood.sample(outputs, noise)).mul_(mask)
     sqrt = likelihood.hessian_sqrt(outputs) * mask[..., None]  # [..., T, C, K]
     return torch.movedim(sqrt, -1, 0)
 

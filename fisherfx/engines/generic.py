@@ -38,7 +38,7 @@ CHUNK_BYTES = 2**26
 #: (nesting the vmap over its vectors inside one over samples is then slower than a loop).
 ALONE_BYTES = 2**23
 
-#: Seconds after which a long call shows a progress bar (tqdm, on a terminal only).
+#: Seconds after which a long call shows a progress bar (tqdm, on stderr; ``TQDM_DISABLE=1`` turns it off).
 PROGRESS_DELAY = 2.0
 
 _NO_RULE = "There is a performance drop because we have not yet implemented the batching rule for "
@@ -182,6 +182,7 @@ def map_samples(
             else:
                 (vectors,) = vmap(pull)(uj)  # {name: [j, *P]}
             part = reduce(vectors)
+            del vectors, uj  # before the next chunk's vectors exist
             if stack:
                 parts.append(part)
             else:

@@ -86,6 +86,8 @@ class _Call:
 
     def __init__(self, module: nn.Module, x: Tensor, y: Tensor, keys: dict[str, str], n: int):
         self.module, self.x, self.y, self.keys = module, x.detach(), y, keys
+        self.y_shape = tuple(y.shape)
+        self.changed = False  # its output was changed in place after the call (set once the forward is over)
         self.node, self.stop = y.grad_fn, x.grad_fn  # the call's nodes lie between these two
         self.version = y._version  # an in-place change of the output afterwards changes it
         self.x_version = x._version  # an in-place change of the input would change what was kept
@@ -95,10 +97,15 @@ class _Call:
         self.g: Tensor | None = None
         self.total: Tensor | None = None
         self.trusted = False  # the layer's formulas hold by construction or were checked on the call
+        self.sink: Any = None  # consumes the output gradient during the backward instead of keeping it
+        self.fired = False  # the sink ran in the last backward
 
     def grab(self, grad: Tensor) -> None:
         if self.broadcast:
             self.total = grad
+        elif self.sink is not None:
+            self.fired = True
+            self.sink(self, grad)
         else:
             self.g = grad
 
@@ -219,6 +226,7 @@ class _Run:
         self.outputs, self.tape, self.leaves, self.k, self.n, self.dtype = outputs, tape, leaves, k, n, dtype
         self.calls = tape.calls
         self.stops: list[Tensor] = []
+        self.final = False  # the backward running is the last one
 
     def covered(self, order: list[str], missing: dict[str, str]) -> tuple[list[str], set[str]]:
         """Graph check; keep the calls of covered parameters and decide where backwards stop.
@@ -235,11 +243,18 @@ class _Run:
         for c in self.calls:
             if c.broadcast and len(consumers[c.node]) == 1:
                 self.tape.handles.append(consumers[c.node][0].register_prehook(c.grab_consumer))
-        # backwards stop at the tapped outputs (no weight gradients), except at outputs changed in place
-        stops = {id(c.y): c.y for c in self.calls if c.y._version == c.version}
-        stops.update({id(self.leaves[m]): self.leaves[m] for c in self.calls if c.y._version != c.version
-                      for m in c.keys.values()})
-        self.stops = list(stops.values())
+        # backwards stop at the tapped outputs (no weight gradients), except at outputs changed in place;
+        # only the outputs that reach no other stop are asked for, so autograd returns (and keeps) few
+        for c in self.calls:
+            c.changed = c.y._version != c.version
+        stops = checks.roots([c.y for c in self.calls if not c.changed])
+        kept = {id(t) for t in stops}
+        for c in self.calls:  # the other outputs need not outlive the forward: the hooks stay on their nodes
+            if id(c.y) not in kept:
+                c.y = None
+        stops += list({id(self.leaves[m]): self.leaves[m] for c in self.calls if c.changed
+                       for m in c.keys.values()}.values())
+        self.stops = stops
         return todo, zero
 
     def untrusted(self, todo: list[str]) -> list[str]:
@@ -247,14 +262,25 @@ class _Run:
         return [name for name in todo if any(name in c.keys.values() and not c.trusted
                                              for c in self.calls)]
 
-    def backward(self, v: Tensor, extra: tuple = ()) -> tuple:
-        """Backward of ``Σ v ⊙ outputs``: fills each call's ``g``; returns the gradients of ``extra``."""
+    def backward(self, v: Tensor, extra: tuple = (), stream: bool = False, last: bool = False) -> tuple:
+        """Backward of ``Σ v ⊙ outputs``: fills each call's ``g`` (or feeds its sink, with ``stream``);
+        returns the gradients of ``extra``. The ``last`` backward frees the graph as it goes.
+        """
+        self.final = last
+        sinks = {}
         for call in self.calls:
             call.g = call.total = None
-        if not self.stops and not extra:
-            return ()
-        grads = torch.autograd.grad(self.outputs, [*self.stops, *extra], grad_outputs=v, retain_graph=True,
-                                    allow_unused=True)
+            call.fired = False
+            if not stream and call.sink is not None:  # probes read g; a sink would count them as draws
+                sinks[id(call)], call.sink = call.sink, None
+        try:
+            if not self.stops and not extra:
+                return ()
+            grads = torch.autograd.grad(self.outputs, [*self.stops, *extra], grad_outputs=v, retain_graph=not last,
+                                        allow_unused=True)
+        finally:
+            for call in self.calls:
+                call.sink = sinks.get(id(call), call.sink)
         return grads[len(self.stops):]
 
     def uses(self, missing: dict[str, str]) -> dict[str, list[tuple[int, Use]]]:
@@ -273,18 +299,42 @@ class _Run:
                     missing.setdefault(name, NO_SAMPLES)
         return found
 
-    def first_draw(self, todo: list[str], v: Tensor, missing: dict[str, str], tol: float) -> dict:
+    def stream(self, todo: list[str], check: set[int], sink: Any) -> set[str]:
+        """Give ``sink`` the calls whose gradients can be consumed during the backward: trusted, not
+        broadcast, not probed, output unchanged, each name held by that call alone. Returns their names.
+        """
+        count: dict[str, int] = {}
+        for c in self.calls:
+            for name in c.keys.values():
+                count[name] = count.get(name, 0) + 1
+        names: set[str] = set()
+        for i, c in enumerate(self.calls):
+            held = list(c.keys.values())
+            if (c.trusted and not c.broadcast and i not in check and not c.changed
+                    and all(count[m] == 1 and m in todo for m in held)):
+                c.sink = sink
+                names.update(held)
+        return names
+
+    def first_draw(self, todo: list[str], v: Tensor, missing: dict[str, str], tol: float, last: bool) -> dict:
         """The first backward, with the arithmetic checks (broadcast calls, non-PyTorch layers)."""
         untrusted = self.untrusted(todo)
-        grads = dict(zip(untrusted, self.backward(v, tuple(self.leaves[m] for m in untrusted)), strict=True))
+        grads = dict(zip(untrusted, self.backward(v, tuple(self.leaves[m] for m in untrusted), stream=True,
+                                                  last=last), strict=True))
+        for c in self.calls:
+            if c.sink is not None and not c.fired:
+                _flag(missing, c.keys, OUTSIDE)
         for c in self.calls:
             if c.broadcast and not _broadcast_ok(c, self.n, tol):
                 c.g = None
                 _flag(missing, c.keys, NO_SAMPLES)
         found = self.uses(missing)
         gen = torch.Generator(device=v.device).manual_seed(0)
+        streamed = {m for c in self.calls if c.sink is not None for m in c.keys.values()}
         for name in todo:
             use_list = [u for _, u in found.get(name, [])]
+            if name in streamed:
+                continue
             if not use_list:
                 missing.setdefault(name, OUTSIDE)
             elif len({(u.form == "vector", u.size) for u in use_list}) > 1:
@@ -397,42 +447,69 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
             raise FisherError(f"{where}: the model's outputs for sample {offset + int((~finite).nonzero()[0, 0])} "
                               "are not finite")
         vectors = _vectors(problem, outputs, prepared, kind, noise)
+        draws = vectors.shape[0]
         run = _Run(outputs, tape, leaves, k, n, dtype)
         todo, zero = run.covered(order, missing)
         tol = checks.tolerance(outputs.dtype)
-        found = run.first_draw(todo, vectors[0], missing, tol)
-        todo = [name for name in todo if name not in missing]
         per_position = t > 1 and (per == "token" or kind == "exact") and int(active.sum(1).max()) > 1
-        check = sorted({i for name in todo for i, _ in found[name]
-                        if per_position or n in layers.position_shape(run.calls[i].module, run.calls[i].y, k)})
+        check = {i for i, c in enumerate(run.calls)
+                 if per_position or n in layers.position_shape(c.module, c.y_shape, k)}
+        cap = chunk_size * t if chunk_size is not None and per_position else chunk_size
+        sums: dict[str, Tensor] = {}
+        plans: dict[str, tuple] = {}
+        ws = Workspace()
+
+        def sink(call: _Call, grad: Tensor) -> None:
+            """Accumulate one call's contribution as its gradient arrives (then it is freed)."""
+            view = layers.out_view(call.module, grad, k)
+            usable = view is not None and view.shape[0] == n and call.x._version == call.x_version
+            made = layers.uses(call.module, call.x, view, call.keys, k, dtype) if usable else {}
+            for name in call.keys.values():
+                if name not in made:
+                    missing.setdefault(name, NO_SAMPLES)
+                    continue
+                if name not in plans:
+                    plans[name] = make_plan([made[name]], requests[name], params[name], dtype)
+                part = accumulate([made[name]], plans[name][0], dtype, cap, ws)
+                sums[name] = part if name not in sums else sums[name] + part
+            if run.final:  # the call's tensors are not needed again: autograd may free them as it goes
+                call.x = call.y = None
+
+        streamed = set() if per_position else run.stream(todo, check, sink)
+        found = run.first_draw(todo, vectors[0], missing, tol, last=draws == 1 and not check)
+        todo = [name for name in todo if name not in missing]
+        check = sorted(i for i in check if set(run.calls[i].keys.values()) & set(todo))
         probes = checks.probe(run.calls, check, outputs, active, run.backward, per_position, k, tol) if check else {}
         for name in todo:
-            if any(i in check and not probes.get(i, (False,))[0] for i, _ in found[name]):
+            if any(i in check and not probes.get(i, (False,))[0] for i, _ in found.get(name, [])):
                 missing.setdefault(name, MIXING if per_position else NO_SAMPLES)
         todo = [name for name in todo if name not in missing]
-        plans = {name: make_plan([u for _, u in found[name]], requests[name], params[name], dtype) for name in todo}
-        cap = chunk_size * t if chunk_size is not None and per_position else chunk_size
-        sums = {name: torch.zeros((), dtype=dtype, device=device) for name in todo}
-        ws = Workspace()
+        plans.update({name: make_plan([u for _, u in found[name]], requests[name], params[name], dtype)
+                      for name in todo if name not in streamed})
         calls_of = {name: [i for i, _ in found.get(name, [])] for name in todo}
-        for r in range(vectors.shape[0]):
+        for r in range(draws):
             if r > 0:
-                run.backward(vectors[r])
+                run.backward(vectors[r], stream=True, last=r == draws - 1)
                 found = run.uses({})
                 for name in todo:  # the same calls serve every draw, or a term would be dropped
-                    if [i for i, _ in found.get(name, [])] != calls_of[name]:
+                    fired = all(c.fired for c in run.calls if c.sink is not None and name in c.keys.values())
+                    if [i for i, _ in found.get(name, [])] != calls_of[name] or not fired:
                         raise RuntimeError(f"{where}: tap engine invariant broken: draw {r} reached other calls "
                                            f"of {name!r} than draw 0 (please report)")
             for name in todo:
+                if name in streamed:
+                    continue
                 use_list = [u for _, u in found.get(name, [])]
                 if per_position:
                     use_list = position_units(use_list, [probes[i] for i, _ in found.get(name, [])], t)
                 if use_list:
                     part = accumulate(use_list, plans[name][0], dtype, cap, ws)
-                    sums[name] = part if r == 0 else sums[name] + part
+                    sums[name] = part if name not in sums else sums[name] + part
             found = {}
     out = {}
     for name in todo:
+        if name not in sums:  # no unit reached it (all its gradients were zero)
+            sums[name] = torch.zeros((), dtype=dtype, device=device)
         post = plans[name][1]
         out[name] = sums[name].reshape(params[name].shape) if post is None else post(sums[name])
     for name in zero:
