@@ -28,6 +28,7 @@ gradient; otherwise the generic engine must serve it (``engine="auto"`` does tha
   ``N``), the same probe with per-sample scalars checks that the first axis is the sample axis.
 """
 
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -85,7 +86,12 @@ class _Call:
     """
 
     def __init__(self, module: nn.Module, x: Tensor, y: Tensor, keys: dict[str, str], n: int):
-        self.module, self.x, self.y, self.keys = module, x.detach(), y, keys
+        self.module, self.x, self.keys = module, x.detach(), keys
+        # the output is held only where nothing tapped lies below it (a first layer): the others need not
+        # outlive the forward (their hooks stay on the nodes), and :meth:`_Run.covered` reaches them from x
+        self.y: Tensor | None = y if x.grad_fn is None else None
+        self.y_weak = weakref.ref(y)
+        self.x_graph = x if x.grad_fn is not None else None  # the input, where the backward may stop instead
         self.y_shape = tuple(y.shape)
         self.changed = False  # its output was changed in place after the call (set once the forward is over)
         self.node, self.stop = y.grad_fn, x.grad_fn  # the call's nodes lie between these two
@@ -206,7 +212,20 @@ def _vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: Kind, 
     targets, active = prepared.targets, prepared.active
     if not targets.dtype.is_floating_point:  # class indices at inactive positions may be anything
         targets = torch.where(active.reshape(*active.shape, *[1] * (targets.ndim - 2)), targets, 0)
-    return position_vectors(problem.likelihood, outputs, targets, active, kind, noise).to(outputs.dtype)
+    n = outputs.shape[0]
+    step = max(1, VECTOR_CHUNK // max(outputs[:1].numel(), 1))  # samples whose temporaries stay small
+    if step >= n:
+        return position_vectors(problem.likelihood, outputs, targets, active, kind, noise).to(outputs.dtype)
+    parts = []
+    for lo in range(0, n, step):  # a language model's softmax and sampling temporaries, a few rows at a time
+        hi = min(lo + step, n)
+        z = None if noise is None else noise[:, lo:hi]
+        parts.append(position_vectors(problem.likelihood, outputs[lo:hi], targets[lo:hi], active[lo:hi], kind, z)
+                     .to(outputs.dtype))
+    return torch.cat(parts, 1)
+
+
+VECTOR_CHUNK = 1 << 21  # output entries per chunk when the output vectors are formed
 
 
 NO_LAYER = ("no supported layer holds it (Linear, Conv1d/Conv2d with groups=1, Embedding, HF Conv1D, "
@@ -245,13 +264,19 @@ class _Run:
                 self.tape.handles.append(consumers[c.node][0].register_prehook(c.grab_consumer))
         # backwards stop at the tapped outputs (no weight gradients), except at outputs changed in place;
         # only the outputs that reach no other stop are asked for, so autograd returns (and keeps) few
+        anchors = []
         for c in self.calls:
-            c.changed = c.y._version != c.version
-        stops = checks.roots([c.y for c in self.calls if not c.changed])
+            y = c.y if c.y is not None else c.y_weak()  # an output nobody holds cannot have changed
+            c.changed = y is not None and y._version != c.version
+            if not c.changed:  # the backward must reach the call's output: ask for it, or for its input
+                anchors.append(y if y is not None else c.x_graph)
+        stops = checks.roots([a for a in anchors if a is not None])
         kept = {id(t) for t in stops}
-        for c in self.calls:  # the other outputs need not outlive the forward: the hooks stay on their nodes
+        for c in self.calls:  # only the roots are held from here on
             if id(c.y) not in kept:
                 c.y = None
+            if id(c.x_graph) not in kept:
+                c.x_graph = None
         stops += list({id(self.leaves[m]): self.leaves[m] for c in self.calls if c.changed
                        for m in c.keys.values()}.values())
         self.stops = stops
@@ -446,10 +471,10 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
             finite = torch.isfinite(outputs.detach()).reshape(n, -1).all(1)
             raise FisherError(f"{where}: the model's outputs for sample {offset + int((~finite).nonzero()[0, 0])} "
                               "are not finite")
+        run = _Run(outputs, tape, leaves, k, n, dtype)
+        todo, zero = run.covered(order, missing)  # first: it lets go of the layer outputs autograd does not keep
         vectors = _vectors(problem, outputs, prepared, kind, noise)
         draws = vectors.shape[0]
-        run = _Run(outputs, tape, leaves, k, n, dtype)
-        todo, zero = run.covered(order, missing)
         tol = checks.tolerance(outputs.dtype)
         per_position = t > 1 and (per == "token" or kind == "exact") and int(active.sum(1).max()) > 1
         check = {i for i, c in enumerate(run.calls)
@@ -473,7 +498,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                 part = accumulate([made[name]], plans[name][0], dtype, cap, ws)
                 sums[name] = part if name not in sums else sums[name] + part
             if run.final:  # the call's tensors are not needed again: autograd may free them as it goes
-                call.x = call.y = None
+                call.x = call.y = call.x_graph = None
 
         streamed = set() if per_position else run.stream(todo, check, sink)
         found = run.first_draw(todo, vectors[0], missing, tol, last=draws == 1 and not check)
