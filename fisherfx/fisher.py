@@ -158,7 +158,7 @@ def _store(est: Estimate, storage_dtype: torch.dtype | None, device) -> Estimate
 
 def _squares(dtype: torch.dtype):
     def reduce(vectors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: v.to(dtype).square().sum(0) for k, v in vectors.items()}
+        return {k: (u := v.to(dtype)).mul_(u).sum(0) for k, v in vectors.items()}  # the vectors are not used again
 
     return reduce
 

@@ -71,18 +71,26 @@ def count_vectors(r: int, t: int, width: int, kind: Kind, per: str) -> int:
     return r if per == "sample" else r * t
 
 
-def unit_vectors(vectors: Tensor, kind: Kind, per: str, lo: int, hi: int) -> Tensor:
+def unit_vectors(vectors: Tensor, kind: Kind, per: str, lo: int, hi: int, positions: Tensor | None = None) -> Tensor:
     """Vectors ``lo:hi`` of one sample's ``[J, T, C]`` whose pull-backs are squared, from ``[R, T, C]``.
 
     ``per="sample"`` (and not exact): ``J = R``, each vector spans all positions.
-    Otherwise ``J = R·T``: vector ``j = r·T + t`` is ``vectors[r, t]`` at position ``t`` and zero
+    Otherwise ``J = R·L`` over ``L`` positions (all ``T``, or the given ``positions`` ``[L]``: the
+    others' vectors are zero): vector ``j = r·L + l`` is ``vectors[r, p_l]`` at position ``p_l`` and zero
     elsewhere. Only the requested chunk is formed.
     """
     if per == "sample" and kind != "exact":
         return vectors[lo:hi]
     r, t, c = vectors.shape
+    if positions is not None:
+        vectors = vectors[:, positions]
+    length = vectors.shape[1]
     j = torch.arange(lo, hi, device=vectors.device)
-    picked = vectors.reshape(r * t, c)[lo:hi]  # [j, C]: vectors[j // T, j % T]
-    onehot = torch.eye(t, dtype=vectors.dtype, device=vectors.device)[j % t]  # [j, T]
-    return onehot[:, :, None] * picked[:, None, :]
+    picked = vectors.reshape(r * length, c)[lo:hi]  # [j, C]: vectors[j // L, j % L]
+    if positions is None:  # inside vmap over samples: no in-place writes into a fresh tensor
+        onehot = torch.eye(t, dtype=vectors.dtype, device=vectors.device)[j % length]  # [j, T]
+        return onehot[:, :, None] * picked[:, None, :]
+    out = vectors.new_zeros((hi - lo, t, c))
+    out[torch.arange(hi - lo, device=vectors.device), positions[j % length]] = picked
+    return out
 

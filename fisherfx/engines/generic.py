@@ -163,8 +163,12 @@ def map_samples(
     j_total = vectors_per_sample(prepared, kind, per, noise, width)
     step, inner = plan_chunks(params, j_total, chunk_size)
 
-    def one(inputs, targets, active, z):
-        """One sample (inputs with their sample axis of 1): ``({name: reduced}, finite)``."""
+    by_position = (per == "token" or kind == "exact") and not stack  # stacked results keep every position
+
+    def one(inputs, targets, active, z, positions=None):
+        """One sample (inputs with their sample axis of 1): ``({name: reduced}, finite)``; a sample run
+        alone gives its active ``positions``, and only theirs are pulled back (the others are zero).
+        """
 
         def outputs_of(p):
             return problem.forward(model, {**buffers, **p}, inputs)[0]  # [T, C]
@@ -173,9 +177,10 @@ def map_samples(
         u = position_vectors(likelihood, out, targets, active, kind, z).to(out.dtype)  # [R, T, C]
         kept: dict[str, Tensor] | None = None
         parts = []
-        for lo in range(0, j_total, inner):
-            hi = min(lo + inner, j_total)
-            uj = unit_vectors(u, kind, per, lo, hi)  # [j, T, C]
+        j_here = j_total if positions is None else u.shape[0] * positions.numel()
+        for lo in range(0, max(j_here, 1), inner):
+            hi = min(lo + inner, j_here)
+            uj = unit_vectors(u, kind, per, lo, hi, positions) if hi > lo else u[:1] * 0  # [j, T, C]
             if uj.shape[0] == 1:  # one vector (empirical or one MC draw per sample): no inner vmap
                 (vectors,) = pull(uj[0])
                 vectors = {k: v[None] for k, v in vectors.items()}  # {name: [1, *P]}
@@ -207,8 +212,9 @@ def map_samples(
                     # model's own parameters that are not in `params` (memory, results that require grad)
                     with torch.no_grad():
                         if stop - start == 1:  # one sample per call (many vectors each): no vmap over samples
-                            result, finite = one(chunk[0], chunk[1][0], chunk[2][0],
-                                                 None if noise is None else chunk[3][:, 0])
+                            act = chunk[2][0]
+                            result, finite = one(chunk[0], chunk[1][0], act, None if noise is None else chunk[3][:, 0],
+                                                 act.nonzero()[:, 0] if by_position else None)
                             result, finite = {k: v[None] for k, v in result.items()}, finite[None]
                         else:
                             result, finite = vmap(one, in_dims=in_dims)(map_tensors(lambda x: x[:, None], chunk[0]),
