@@ -264,8 +264,11 @@ def diag_fisher(
             inputs and output gradients from batched passes, see :mod:`fisherfx.engines.taps`; raises
             for parameters it cannot serve) or ``"auto"`` (taps where they serve, generic for the rest).
         dtype: accumulation dtype, float32 or float64, whatever the model's dtype.
-        chunk_size: samples per vectorised call of the generic engine, to bound memory (``None``:
-            as many as keep one chunk's gradient vectors under 256 MiB).
+        chunk_size: gradient vectors per vectorised call of the generic engine, to bound memory
+            (``None``: as many as fit in 64 MiB): whole samples when a sample has fewer (one per
+            sample for the empirical per-sample Fisher, ``S`` for MC), else chunks of one sample's
+            active positions (``per="token"``: one per position, ``kind="exact"``: ``C`` per
+            position). In the tap engine it caps the samples per chunk of per-sample temporaries.
         storage_dtype: dtype of the returned values (e.g. ``torch.bfloat16``), default ``dtype``.
         device: device of the returned values (e.g. ``"cpu"`` to offload).
 
@@ -397,7 +400,7 @@ def per_sample_grads(
             inactive positions).
         kind: ``"empirical"`` (dataset labels) or ``"mc"`` (one label drawn from the model).
         generator: seeds the draw for ``kind="mc"``.
-        chunk_size: samples per vectorised call.
+        chunk_size: gradient vectors per vectorised call (as :func:`diag_fisher`).
 
     Returns:
         ``{name: [N, *P]}`` or ``{name: [N, T, *P]}`` in the parameters' dtype.
