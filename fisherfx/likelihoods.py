@@ -103,10 +103,9 @@ class Categorical(NamedTuple):
 
     def nll_grad(self, outputs: Tensor, targets: Tensor) -> Tensor:
         grad = torch.softmax(outputs, dim=-1)  # softmax(f) − onehot(y), written into the softmax (no one-hot)
-        shape = (*torch.broadcast_shapes(grad.shape[:-1], targets.shape), grad.shape[-1])
-        if shape != grad.shape:  # targets with leading draw axes ([S, ..., T])
-            grad = grad.expand(shape).clone()
-        return grad.scatter_add_(-1, targets.expand(shape[:-1])[..., None], torch.full_like(grad[..., :1], -1.0))
+        if targets.shape != grad.shape[:-1]:  # targets with leading draw axes ([S, ..., T])
+            grad = grad.expand(*targets.shape, grad.shape[-1]).clone()
+        return grad.scatter_add_(-1, targets[..., None], torch.full_like(grad[..., :1], -1.0))
 
     def noise(self, outputs_shape: torch.Size, n_samples: int, generator=None) -> Tensor:
         return torch.rand((n_samples, *outputs_shape[:-1]), generator=generator, device=_device(generator))
