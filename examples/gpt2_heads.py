@@ -3,7 +3,9 @@
 A GPT-2 built from a small config (no weights are downloaded) scores a left-padded batch with
 ``-100`` labels. ``causal_lm`` handles the causal shift and the padding, and ``heads`` splits
 GPT-2's fused ``c_attn`` projection into query/key/value rows per head. The token-normalised
-empirical Fisher of each head (q, k, v rows and output-projection columns) is printed per layer.
+empirical Fisher of each head (q, k, v rows and output-projection columns, combined by
+``head_totals``) is printed per layer, with the top heads of the model: what a head-percolation
+experiment ranks.
 """
 
 # %%
@@ -30,6 +32,8 @@ params = ffx.params_of(model)
 spec = ffx.heads(params, num_heads=config.n_head, model=model)
 est = ffx.group_fisher(ffx.causal_lm(model), params, batch, spec, normalize="tokens")
 print(f"{int(est.count)} active tokens")
-for layer in range(config.n_layer):
-    per_head = sum(v for name, v in est.value.items() if name.startswith(f"transformer.h.{layer}."))
-    print(f"layer {layer}: head Fisher {[round(float(v), 5) for v in per_head]}")
+totals = ffx.head_totals(est.value, spec)  # {layer: [H]}
+for layer, per_head in totals.items():
+    print(f"{layer}: head Fisher {[round(float(v), 5) for v in per_head]}")
+ranked = sorted(((float(v), layer, h) for layer, t in totals.items() for h, v in enumerate(t)), reverse=True)
+print("top heads:", [f"{layer} head {h}" for _, layer, h in ranked[:3]])
