@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 import fisherfx as ffx
+from fisherfx.engines import _tap_estimators as taps_estimators
 from fisherfx.engines import taps
 from fisherfx.fisher import prepare_batch
 from fisherfx.testing import assert_tree_close as assert_values_close
@@ -651,6 +652,20 @@ def test_chunks_change_nothing(case):
     whole = ffx.group_fisher(problem, params, batch, ffx.channels(params, problem.model), dtype=F64)
     chunked = ffx.group_fisher(problem, params, batch, ffx.channels(params, problem.model), dtype=F64, chunk_size=1)
     assert_values_close(chunked.value, whole.value, **TAPS_VS_GENERIC)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("hf-conv1d", "position-wise", "llama-right-pad",
+                                                                  "gpt2-left-pad")], ids=lambda c: c.name)
+def test_scratch_smaller_than_one_sample_gradient(case, monkeypatch):
+    """A unit's gradient larger than the scratch budget (a language model's head) is formed in row blocks."""
+    monkeypatch.setattr(taps_estimators, "BUDGET", 24)
+    problem, batch = case.make()
+    params = ffx.params_of(problem.model)
+    got = ffx.diag_fisher(problem, params, batch, engine="auto", dtype=F64, kind="mc", n_samples=2,
+                          generator=generator(3))
+    want = ffx.diag_fisher(problem, params, batch, engine="generic", dtype=F64, kind="mc", n_samples=2,
+                           generator=generator(3))
+    assert_values_close(got.value, want.value, **TAPS_VS_GENERIC)
 
 
 def test_float32_model_accumulates_in_float64_on_request():

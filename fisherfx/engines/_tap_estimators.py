@@ -143,6 +143,11 @@ def _aggregate(uses: list[Use], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return keys % o, rows.index_add_(0, inverse, b[keep])
 
 
+def _rows(u: Use, lo: int, hi: int) -> Use:
+    """An outer use restricted to rows ``lo:hi`` of its ``[o, i]`` layout."""
+    return Use("outer", u.a[:, :, lo:hi], u.b, (hi - lo, u.size[1]))
+
+
 def _one_position(uses: list[Use]) -> bool:
     return len(uses) == 1 and uses[0].form == "outer" and uses[0].a.shape[1] == 1
 
@@ -170,6 +175,12 @@ def _squares(uses: list[Use], what: str, dtype: torch.dtype, cap: int | None, ws
         return sq.sum(0)
     o, i = uses[0].size
     positions = sum(u.a.shape[1] for u in uses)
+    if what == "diag" and o * i > BUDGET and o > 1 and all(u.form == "outer" and u.grads is None for u in uses):
+        # one unit's gradient alone exceeds the scratch budget (a language model's head): rows in blocks
+        rows, out = max(1, BUDGET // i), torch.empty((o, i), dtype=dtype, device=uses[0].a.device)
+        for lo in range(0, o, rows):
+            out[lo:lo + rows] = _squares([_rows(u, lo, min(lo + rows, o)) for u in uses], what, dtype, cap, ws)
+        return out
     gram = forms == {"outer"} and what != "diag" and positions * (o + i) < o * i
     per_unit = positions * (positions + o + i) if gram else o * i + positions * (o + i)
     step = _chunk(units, per_unit, cap)
