@@ -253,7 +253,8 @@ def causal_lm(model: nn.Module, ignore_index: int = -100) -> Problem:
     ``labels`` ``[N, T]`` (default: ``input_ids``), and any other tensor the model's ``forward``
     takes by name (``position_ids``, ``token_type_ids``, …), with the samples first. Position ``t``
     predicts ``labels[:, t + 1]`` (the causal shift); labels equal to ``ignore_index`` and padded
-    positions are inactive.
+    positions are inactive. The model is run on all tokens but the last, which predicts nothing and,
+    the model being causal, changes no earlier output.
 
     Padding is handled without giving the model an attention mask, which would make its mask
     construction data-dependent under ``vmap``: each row is moved so that its tokens start at
@@ -320,14 +321,16 @@ def causal_lm(model: nn.Module, ignore_index: int = -100) -> Problem:
         if vocabulary is not None and ids.numel():
             _check_vocabulary(ids, vocabulary, tuple(batch["input_ids"].shape))
         targets, active = likelihood.canonical_targets(labels[:, 1:])
-        extras = {**dict(zip(per_token, moved)), **per_sample}
+        # the last token predicts nothing and, the model being causal, no earlier output sees it: the model
+        # runs on the others, so its logits need no slicing (whose backward would fill a [N, T, V] buffer)
+        extras = {**{k: m[:, :-1] for k, m in zip(per_token, moved, strict=True)}, **per_sample}
+        ids = ids[:, :-1]
         return Prepared({"input_ids": ids, **extras} if extras else ids, targets, active)
 
     def forward(model: nn.Module, params: Mapping[str, Tensor], inputs: Any) -> Tensor:
         keywords = dict(inputs) if isinstance(inputs, Mapping) else {"input_ids": inputs}
         out = model_call(model, params, keywords, **cache_off)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits[:, :-1]
+        return out.logits if hasattr(out, "logits") else out[0]  # [N, T - 1, V]
 
     return Problem(model, likelihood, prepare, forward)
 
