@@ -1,7 +1,7 @@
 """fisherfx: the Fisher information of PyTorch models, the ``torch.func`` way."""
 
 from ._errors import FisherError, FisherfxError
-from .explain import Explanation, Served, explain
+from ._explain import Explanation, Served, explain
 from .fisher import diag_fisher, group_fisher, mask_importance, per_sample_grads
 from .groups import (
                      Group,

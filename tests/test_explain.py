@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisherfx as ffx
+from fisherfx import Explanation, Served
 from fisherfx.engines.taps import MIXING, NO_LAYER, OUTSIDE
-from fisherfx.explain import Explanation, Served
 from tests.strategies import VOCAB, build, randint, randn
 
 N, D, H, C = 5, 4, 6, 3
