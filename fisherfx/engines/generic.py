@@ -44,11 +44,6 @@ PROGRESS_DELAY = 2.0
 _NO_RULE = "There is a performance drop because we have not yet implemented the batching rule for "
 
 
-def vectors_per_sample(prepared: Prepared, kind: Kind, per: str, noise: Tensor | None, width: int) -> int:
-    """``J``: the gradient vectors of one sample (``width`` is ``C``, the outputs per position)."""
-    return count_vectors(1 if noise is None else noise.shape[0], prepared.active.shape[1], width, kind, per)
-
-
 def plan_chunks(params: Mapping[str, Tensor], j: int, chunk_size: int | None) -> tuple[int, int]:
     """``(samples per vectorised call, vectors per inner call)`` holding at most ``chunk_size``
     vectors (``None``: as many as fit in :data:`CHUNK_BYTES`), at least one.
@@ -61,12 +56,6 @@ def plan_chunks(params: Mapping[str, Tensor], j: int, chunk_size: int | None) ->
     if j > 1 and j * per_vector >= ALONE_BYTES:
         return 1, j
     return max(1, chunk_size // j), j
-
-
-def auto_chunk(params: Mapping[str, Tensor], prepared: Prepared, kind: Kind, per: str, noise: Tensor | None,
-               width: int) -> int:
-    """Samples per vectorised call with ``chunk_size=None`` (see :func:`plan_chunks`)."""
-    return plan_chunks(params, vectors_per_sample(prepared, kind, per, noise, width), None)[0]
 
 
 def _take(tree: Any, start: int, stop: int) -> Any:
@@ -160,7 +149,7 @@ def map_samples(
     model, likelihood = problem.model, problem.likelihood
     buffers = dict(model.named_buffers())
     params = dict(params)
-    j_total = vectors_per_sample(prepared, kind, per, noise, width)
+    j_total = count_vectors(1 if noise is None else noise.shape[0], prepared.active.shape[1], width, kind, per)
     step, inner = plan_chunks(params, j_total, chunk_size)
 
     by_position = (per == "token" or kind == "exact") and not stack  # stacked results keep every position
