@@ -214,15 +214,12 @@ def _vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: Kind, 
         targets = torch.where(active.reshape(*active.shape, *[1] * (targets.ndim - 2)), targets, 0)
     n = outputs.shape[0]
     step = max(1, VECTOR_CHUNK // max(outputs[:1].numel(), 1))  # samples whose temporaries stay small
-    if step >= n:
-        return position_vectors(problem.likelihood, outputs, targets, active, kind, noise).to(outputs.dtype)
     parts = []
     for lo in range(0, n, step):  # a language model's softmax and sampling temporaries, a few rows at a time
-        hi = min(lo + step, n)
-        z = None if noise is None else noise[:, lo:hi]
-        parts.append(position_vectors(problem.likelihood, outputs[lo:hi], targets[lo:hi], active[lo:hi], kind, z)
-                     .to(outputs.dtype))
-    return torch.cat(parts, 1)
+        z = None if noise is None else noise[:, lo:lo + step]
+        parts.append(position_vectors(problem.likelihood, outputs[lo:lo + step], targets[lo:lo + step],
+                                      active[lo:lo + step], kind, z).to(outputs.dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 VECTOR_CHUNK = 1 << 21  # output entries per chunk when the output vectors are formed
@@ -308,15 +305,24 @@ class _Run:
                 call.sink = sinks.get(id(call), call.sink)
         return grads[len(self.stops):]
 
+    def read(self, call: _Call, grad: Tensor) -> dict[str, Use] | None:
+        """One call's contributions for its output gradient ``grad``: ``None`` where the gradient has
+        no sample axis this engine can read, ``{}`` where its input cannot be read per sample.
+        """
+        view = layers.out_view(call.module, grad, self.k)
+        if view is None:
+            return None
+        if view.shape[0] != self.n or call.x._version != call.x_version:
+            return {}
+        return layers.uses(call.module, call.x, view, call.keys, self.k, self.dtype)
+
     def uses(self, missing: dict[str, str]) -> dict[str, list[tuple[int, Use]]]:
         """``{name: [(call index, Use)]}`` of the last backward; unreadable calls flag their names."""
         found: dict[str, list[tuple[int, Use]]] = {}
         for i, call in enumerate(self.calls):
-            view = None if call.g is None else layers.out_view(call.module, call.g, self.k)
-            if view is None:
+            made = None if call.g is None else self.read(call, call.g)
+            if made is None:
                 continue
-            usable = view.shape[0] == self.n and call.x._version == call.x_version
-            made = layers.uses(call.module, call.x, view, call.keys, self.k, self.dtype) if usable else {}
             for name in call.keys.values():
                 if name in made:
                     found.setdefault(name, []).append((i, made[name]))
@@ -411,9 +417,9 @@ def estimate(
     per_position = t > 1 and (per == "token" or kind == "exact") and int(prepared.active.sum(1).max()) > 1
     cut = None if per_position else split_point(prepared)
     if cut is None:
-        return _estimate(problem, params, prepared, requests, kind=kind, per=per, noise=noise, dtype=dtype,
-                         chunk_size=chunk_size, where=where)
-    parts = [_estimate(problem, params, _part(prepared, lo, hi), requests, kind=kind, per=per,
+        return _estimate(problem, params, prepared, requests, kind=kind, per_position=per_position, noise=noise,
+                         dtype=dtype, chunk_size=chunk_size, where=where)
+    parts = [_estimate(problem, params, _part(prepared, lo, hi), requests, kind=kind, per_position=False,
                        noise=None if noise is None else noise[:, lo:hi], dtype=dtype, chunk_size=chunk_size,
                        where=where, offset=lo) for lo, hi in ((0, cut), (cut, n))]
     missing = {**parts[1].missing, **parts[0].missing}
@@ -444,9 +450,11 @@ def _part(prepared: Prepared, lo: int, hi: int) -> Prepared:
 
 
 def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request], *,
-              kind: Kind, per: str, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str,
-              offset: int = 0) -> Result:
-    """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages)."""
+              kind: Kind, per_position: bool, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None,
+              where: str, offset: int = 0) -> Result:
+    """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages); with
+    ``per_position`` each active position is a unit of its own.
+    """
     model, k = problem.model, layers.kinds()
     owned, holders = _owned(model, list(requests), k)
     missing = {name: NO_LAYER for name in requests if name not in owned}
@@ -476,7 +484,6 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
         vectors = _vectors(problem, outputs, prepared, kind, noise)
         draws = vectors.shape[0]
         tol = checks.tolerance(outputs.dtype)
-        per_position = t > 1 and (per == "token" or kind == "exact") and int(active.sum(1).max()) > 1
         check = {i for i, c in enumerate(run.calls)
                  if per_position or n in layers.position_shape(c.module, c.y_shape, k)}
         cap = chunk_size * t if chunk_size is not None and per_position else chunk_size
@@ -486,9 +493,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
 
         def sink(call: _Call, grad: Tensor) -> None:
             """Accumulate one call's contribution as its gradient arrives (then it is freed)."""
-            view = layers.out_view(call.module, grad, k)
-            usable = view is not None and view.shape[0] == n and call.x._version == call.x_version
-            made = layers.uses(call.module, call.x, view, call.keys, k, dtype) if usable else {}
+            made = run.read(call, grad) or {}
             for name in call.keys.values():
                 if name not in made:
                     missing.setdefault(name, NO_SAMPLES)
