@@ -56,19 +56,31 @@ def check_options(where: str, kind: str, n_samples: int, per: str, normalize: st
         raise FisherError(f"{where}: chunk_size must be a positive integer or None, got {chunk_size!r}")
 
 
-def check_params(where: str, problem: Problem, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Known names, matching shapes, floating dtypes; returns ``dict(params)``."""
-    if not isinstance(params, Mapping) or not params:
+def check_params(where: str, problem: Problem, params: Mapping[str, Tensor], *, allow_empty: bool = False,
+                 buffers: bool = False) -> dict[str, Tensor]:
+    """Known names, matching shapes, floating dtypes; returns ``dict(params)``.
+
+    ``allow_empty``: ``{}`` is accepted (every value then comes from the module); ``buffers``: the
+    model's buffers may be given too (a non-floating buffer keeps its dtype).
+    """
+    if not isinstance(params, Mapping):
+        raise FisherError(f"{where}: params must be a {'' if allow_empty else 'non-empty '}{{name: tensor}} dict, "
+                          f"got {type(params).__name__}")
+    if not params and not allow_empty:
         raise FisherError(f"{where}: params must be a non-empty {{name: tensor}} dict")
-    own = dict(problem.model.named_parameters(remove_duplicate=False))
+    model = problem.model
+    named = dict(model.named_parameters(remove_duplicate=False))
+    own = {**named, **dict(model.named_buffers(remove_duplicate=False))} if buffers else named
     for name, p in params.items():
         if name not in own:
-            raise FisherError(f"{where}: unknown parameter {name!r}; the model's parameters are {some_names(own)}")
-        if not isinstance(p, Tensor) or p.shape != own[name].shape:
-            got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
-            raise FisherError(f"{where}: parameter {name!r} has shape {got}, the model expects "
+            raise FisherError(f"{where}: unknown parameter {name!r}; the model's parameters are "
+                              f"{some_names(dict(model.named_parameters()))}")
+        if not isinstance(p, Tensor):
+            raise FisherError(f"{where}: parameter {name!r} must be a tensor, got {type(p).__name__}")
+        if p.shape != own[name].shape:
+            raise FisherError(f"{where}: parameter {name!r} has shape {tuple(p.shape)}, the model expects "
                               f"{tuple(own[name].shape)}")
-        if not p.dtype.is_floating_point:
+        if own[name].dtype.is_floating_point and not p.dtype.is_floating_point:
             raise FisherError(f"{where}: parameter {name!r} has dtype {p.dtype}; expected floating point")
     return dict(params)
 

@@ -10,45 +10,15 @@ own ``outputs.loss`` is a mean over tokens and treats left padding differently).
 """
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._errors import FisherError
+from .fisher import NORMALIZES, Normalize, check_params
 from .likelihoods import check_classes, check_shapes
 from .problems import Problem, forward_failure
-
-Normalize = Literal["samples", "tokens", "none"]
-NORMALIZES = ("samples", "tokens", "none")
-
-
-def _some(names: list[str], k: int = 6) -> str:
-    shown = ", ".join(repr(n) for n in names[:k])
-    return shown + (f", … ({len(names)} in all)" if len(names) > k else "")
-
-
-def check_values(where: str, problem: Problem, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``dict(params)`` after checking it names the model's parameters or buffers, with their shapes.
-
-    An empty dict is allowed: every value then comes from the module itself.
-    """
-    if not isinstance(params, Mapping):
-        raise FisherError(f"{where}: params must be a {{name: tensor}} dict, got {type(params).__name__}")
-    model = problem.model
-    own = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
-    for name, value in params.items():
-        if name not in own:
-            raise FisherError(f"{where}: unknown parameter {name!r}; the model's parameters are "
-                              f"{_some([n for n, _ in model.named_parameters()])}")
-        if not isinstance(value, Tensor):
-            raise FisherError(f"{where}: parameter {name!r} must be a tensor, got {type(value).__name__}")
-        if value.shape != own[name].shape:
-            raise FisherError(f"{where}: parameter {name!r} has shape {tuple(value.shape)}, the model expects "
-                              f"{tuple(own[name].shape)}")
-        if own[name].dtype.is_floating_point and not value.dtype.is_floating_point:
-            raise FisherError(f"{where}: parameter {name!r} has dtype {value.dtype}; expected floating point")
-    return dict(params)
 
 
 def nll(problem: Problem, params: Mapping[str, Tensor], batch: Any, normalize: Normalize = "samples") -> Tensor:
@@ -91,7 +61,7 @@ def nll(problem: Problem, params: Mapping[str, Tensor], batch: Any, normalize: N
     where = "nll"
     if normalize not in NORMALIZES:
         raise FisherError(f"{where}: normalize must be one of {list(NORMALIZES)}, got {normalize!r}")
-    params = check_values(where, problem, params)
+    params = check_params(where, problem, params, allow_empty=True, buffers=True)
     prepared = problem.prepare(batch)
     active = prepared.active  # [N, T]
     n_active = int(active.sum())
