@@ -22,7 +22,7 @@ from torch.func import vmap
 from ._errors import FisherError
 from .engines import generic, taps
 from .groups import Groups, check_groups, reduce_groups, some_names
-from .problems import Prepared, Problem, forward_failure
+from .problems import Prepared, Problem
 from .state import Estimate, cast
 
 Kind = Literal["empirical", "mc", "exact"]
@@ -142,13 +142,8 @@ def output_width(where: str, problem: Problem, params: Mapping[str, Tensor], pre
     first = generic._take(prepared.inputs, 0, 1)
     device = prepared.active.device
     values = {**dict(problem.model.named_buffers()), **params}
-    try:
-        with torch.no_grad(), taps.rng_guard(where, device):  # the global RNG stays as it was
-            out = problem.forward(problem.model, values, first)
-    except FisherError:
-        raise
-    except Exception as err:
-        raise forward_failure(where, problem, values, prepared.inputs, err) from err
+    with torch.no_grad():
+        out = taps.guarded_forward(where, problem, values, first, device, batch_inputs=prepared.inputs)
     n = prepared.active.shape[0]
     taps.check_outputs(where, problem, out.expand(n, *out.shape[1:]), prepared)  # messages with the batch's shapes
     return out.shape[-1]

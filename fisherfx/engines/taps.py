@@ -207,6 +207,21 @@ def rng_guard(where: str, device: torch.device) -> Iterator[None]:
                           "before computing the Fisher")
 
 
+def guarded_forward(where: str, problem: Problem, values: Mapping[str, Tensor], inputs: Any, device: torch.device,
+                    batch_inputs: Any = None) -> Tensor:
+    """``problem.forward`` on ``inputs`` with the global RNG kept (and a forward that draws refused, see
+    :func:`rng_guard`); a forward that raises becomes :func:`~fisherfx.problems.forward_failure`'s error,
+    which shows ``batch_inputs`` (default ``inputs``), the batch's own shapes.
+    """
+    try:
+        with rng_guard(where, device):
+            return problem.forward(problem.model, values, inputs)
+    except FisherError:
+        raise
+    except Exception as err:
+        raise forward_failure(where, problem, values, inputs if batch_inputs is None else batch_inputs, err) from err
+
+
 def _vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: Kind, noise: Tensor | None) -> Tensor:
     """The estimator's output vectors ``[R, N, T, C]`` (:func:`.cotangents.position_vectors`)."""
     targets, active = prepared.targets, prepared.active
@@ -467,13 +482,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
     n, t = active.shape
     device = leaves[order[0]].device
     with _tapped(holders, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
-        try:
-            with rng_guard(where, device):
-                outputs = problem.forward(model, values, prepared.inputs)
-        except FisherError:
-            raise
-        except Exception as err:
-            raise forward_failure(where, problem, values, prepared.inputs, err) from err
+        outputs = guarded_forward(where, problem, values, prepared.inputs, device)
         check_outputs(where, problem, outputs, prepared)
         if not bool(torch.isfinite(outputs.detach()).all()):
             finite = torch.isfinite(outputs.detach()).reshape(n, -1).all(1)
