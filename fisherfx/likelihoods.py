@@ -49,6 +49,11 @@ class Likelihood(Protocol):
     def hessian_sqrt(self, outputs: Tensor) -> Tensor:
         """``S`` ``[..., C, K]`` with ``S Sᵀ = ∂²nll/∂f²`` (independent of the targets)."""
 
+    def hessian_vp(self, outputs: Tensor, u: Tensor) -> Tensor:
+        """``(∂²nll/∂f²) u`` per position, ``u`` ``[..., C]`` broadcasting against ``outputs`` ``[..., C]``;
+        equals ``S (Sᵀ u)`` with :meth:`hessian_sqrt`'s ``S``, in closed form (no ``C × C`` matrix).
+        """
+
 
 def _device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
@@ -122,6 +127,10 @@ class Categorical(NamedTuple):
         # S = diag(√p) − p √pᵀ, so S Sᵀ = diag(p) − p pᵀ
         return torch.diag_embed(sqrt_p) - p[..., :, None] * sqrt_p[..., None, :]
 
+    def hessian_vp(self, outputs: Tensor, u: Tensor) -> Tensor:
+        p = torch.softmax(outputs, dim=-1)  # (diag(p) − p pᵀ) u
+        return p * (u - (p * u).sum(-1, keepdim=True))
+
 
 class Gaussian(NamedTuple):
     """Isotropic Gaussian with fixed standard deviation ``sigma``.
@@ -160,6 +169,9 @@ class Gaussian(NamedTuple):
         eye = torch.eye(outputs.shape[-1], dtype=outputs.dtype, device=outputs.device)
         return (eye / self.sigma).expand(*outputs.shape, outputs.shape[-1])
 
+    def hessian_vp(self, outputs: Tensor, u: Tensor) -> Tensor:
+        return u / self.sigma**2
+
 
 class Bernoulli(NamedTuple):
     """Independent Bernoulli per output with logits ``f`` (binary cross-entropy with logits).
@@ -194,6 +206,10 @@ class Bernoulli(NamedTuple):
     def hessian_sqrt(self, outputs: Tensor) -> Tensor:
         p = torch.sigmoid(outputs)
         return torch.diag_embed((p * (1 - p)).sqrt())
+
+    def hessian_vp(self, outputs: Tensor, u: Tensor) -> Tensor:
+        p = torch.sigmoid(outputs)
+        return p * (1 - p) * u
 
 
 def check_likelihood(likelihood: Likelihood, where: str) -> None:

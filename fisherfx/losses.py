@@ -18,7 +18,7 @@ from torch import Tensor
 from ._errors import FisherError
 from .fisher import NORMALIZES, Normalize, check_params
 from .likelihoods import check_classes, check_shapes
-from .problems import Problem, forward_failure
+from .problems import Prepared, Problem, forward_failure
 
 
 def nll(problem: Problem, params: Mapping[str, Tensor], batch: Any, normalize: Normalize = "samples") -> Tensor:
@@ -74,12 +74,17 @@ def nll(problem: Problem, params: Mapping[str, Tensor], batch: Any, normalize: N
         raise forward_failure(where, problem, params, prepared.inputs, err) from err
     check_shapes(problem.likelihood, outputs, prepared.targets, where)
     check_classes(problem.likelihood, outputs, prepared.targets, active, where)
+    count = {"samples": active.shape[0], "tokens": n_active, "none": 1}[normalize]
+    return summed_nll(problem, outputs, prepared) / count
+
+
+def summed_nll(problem: Problem, outputs: Tensor, prepared: Prepared) -> Tensor:
+    """``Σ_n ℓ_n``, the unnormalised NLL of canonical ``outputs`` ``[N, T, C]`` over the active positions."""
+    active = prepared.active
     targets = prepared.targets  # inactive positions may hold anything (a masked-out class -1, a NaN)
     targets = torch.where(active.reshape(*active.shape, *[1] * (targets.ndim - 2)), targets, torch.zeros_like(targets))
     per_position = problem.likelihood.nll(outputs, targets)  # [N, T]
-    total = torch.where(active, per_position, torch.zeros_like(per_position)).sum()
-    count = {"samples": active.shape[0], "tokens": n_active, "none": 1}[normalize]
-    return total / count
+    return torch.where(active, per_position, torch.zeros_like(per_position)).sum()
 
 
 __all__ = ["nll"]

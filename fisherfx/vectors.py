@@ -67,10 +67,22 @@ def check_vector(where: str, v: Mapping[str, Tensor], like: Mapping[str, Tensor]
                               "every entry needs the same number K of vectors (or none)")
         if not x.dtype.is_floating_point:
             raise FisherError(f"{where}: {option}[{name!r}] has dtype {x.dtype}; expected floating point")
-    if any(not bool(torch.isfinite(v[name]).all()) for name in like):
-        bad = next(name for name in like if not bool(torch.isfinite(v[name]).all()))
+    out = {name: v[name] for name in like}
+    bad = non_finite(out)
+    if bad is not None:
         raise FisherError(f"{where}: {option}[{bad!r}] holds inf or NaN")
-    return {name: v[name] for name in like}, k
+    return out, k
+
+
+def non_finite(v: Mapping[str, Tensor]) -> str | None:
+    """The first name whose tensor holds inf or NaN, or ``None``.
+
+    One reduction serves all: a sum is finite only when every entry is (a sum that overflows is
+    rechecked entry by entry).
+    """
+    if not v or bool(torch.stack([x.sum().to(torch.float64) for x in v.values()]).isfinite().all()):
+        return None
+    return next((name for name, x in v.items() if not bool(torch.isfinite(x).all())), None)
 
 
 def flatten(values: Mapping[str, Tensor], like: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -175,5 +187,5 @@ def random_like(like: Mapping[str, Tensor], k: int | None = None, generator: tor
     return {name: t.to(p.device) for (name, p), t in zip(like.items(), unflatten(flat, like).values(), strict=True)}
 
 
-__all__ = ["Vector", "add", "check_vector", "dimension", "dot", "flatten", "random_like", "scale", "unflatten",
-           "zeros_like"]
+__all__ = ["Vector", "add", "check_vector", "dimension", "dot", "flatten", "non_finite", "random_like", "scale",
+           "unflatten", "zeros_like"]

@@ -222,7 +222,7 @@ def guarded_forward(where: str, problem: Problem, values: Mapping[str, Tensor], 
         raise forward_failure(where, problem, values, inputs if batch_inputs is None else batch_inputs, err) from err
 
 
-def _vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: Kind, noise: Tensor | None) -> Tensor:
+def output_vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: Kind, noise: Tensor | None) -> Tensor:
     """The estimator's output vectors ``[R, N, T, C]`` (:func:`.cotangents.position_vectors`)."""
     targets, active = prepared.targets, prepared.active
     if not targets.dtype.is_floating_point:  # class indices at inactive positions may be anything
@@ -490,7 +490,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                               "are not finite")
         run = _Run(outputs, tape, leaves, k, n, dtype)
         todo, zero = run.covered(order, missing)  # first: it lets go of the layer outputs autograd does not keep
-        vectors = _vectors(problem, outputs, prepared, kind, noise)
+        vectors = output_vectors(problem, outputs, prepared, kind, noise)
         draws = vectors.shape[0]
         tol = checks.tolerance(outputs.dtype)
         check = {i for i, c in enumerate(run.calls)

@@ -1,0 +1,326 @@
+"""Curvature as operators: exact products with the Fisher (= GGN), the empirical and MC Fisher and
+the Hessian, with no Jacobian, per-sample gradient or matrix in memory.
+
+With the per-sample negative log-likelihood ``ℓ_n`` of :mod:`fisherfx.fisher`, outputs ``f_n``, their
+Jacobian ``J_n = ∂f_n/∂θ`` and the output Hessian ``H_n = ∂²ℓ_n/∂f_n²``:
+
+.. math::
+    G v = \\frac{1}{Z} \\sum_n J_n^\\top H_n J_n v, \\qquad
+    F_{\\mathrm{emp}} v = \\frac{1}{Z} \\sum_n \\nabla ℓ_n (\\nabla ℓ_n^\\top v), \\qquad
+    H v = \\nabla^2_θ \\Big(\\frac{1}{Z} \\sum_n ℓ_n\\Big) v
+
+and the MC Fisher as the empirical one with labels drawn from the model (``S`` draws per active
+position, averaged). ``Z`` is that of the estimators (``N``, active positions or 1), so the diagonal
+of each operator is :func:`~fisherfx.diag_fisher`'s value of the same kind (``exact``,
+``empirical``, ``mc``) and :func:`hvp` is the Hessian of :func:`~fisherfx.nll`.
+
+How: one forward with tangents (:func:`torch.func.jvp`) gives the outputs ``f`` and ``J v`` for the
+whole batch; the output-space cotangent ``u`` (``H J v``, or ``∇_f ℓ · (∇ℓᵀ v)``) is formed in closed
+form; one backward through the same forward gives ``Jᵀ u``. ``K`` vectors at once (a leading axis on
+every ``v[name]``) share the forward: the tangents are batched with :func:`torch.func.vmap`, the
+backward with ``is_grads_batched``. :func:`hvp` is forward-over-reverse, ``jvp`` of ``grad``.
+
+Attention: ``torch``'s fused SDPA kernels have no forward-mode derivative on some devices, so the
+products run under the math SDPA backend (:func:`torch.nn.attention.sdpa_kernel`).
+"""
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vmap
+
+from ._errors import FisherError
+from .engines import taps
+from .fisher import NORMALIZES, PERS, Normalize, Per, check_params, output_width, prepare_batch
+from .losses import summed_nll
+from .problems import Prepared, Problem
+from .vectors import Vector, check_vector, non_finite
+
+
+def _math_sdpa() -> contextlib.AbstractContextManager:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch without the context manager
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _one_batch(batch: Any) -> bool:
+    """A single batch: a dict (``causal_lm``) or ``(inputs, targets[, mask])`` with tensor targets."""
+    if isinstance(batch, Mapping):
+        return True
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and isinstance(batch[1], Tensor):
+        return True
+    return isinstance(batch, Tensor) or not isinstance(batch, Iterable)  # not a collection: prepare says what
+
+
+def batches_of(batch: Any) -> Iterator[Any]:
+    """The batches of ``batch``: itself when it is one batch, else its items (a list, a DataLoader)."""
+    if _one_batch(batch):
+        yield batch
+    else:
+        yield from batch
+
+
+def _leaves(params: Mapping[str, Tensor]) -> Vector:
+    return {name: p.detach().requires_grad_(True) for name, p in params.items()}
+
+
+def _tangents(v: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Vector:
+    return {name: v[name].to(dtype=p.dtype, device=p.device) for name, p in params.items()}
+
+
+def _forward(where: str, problem: Problem, prepared: Prepared) -> Any:
+    device = prepared.active.device
+
+    def forward(values: Mapping[str, Tensor]) -> Tensor:
+        return taps.guarded_forward(where, problem, values, prepared.inputs, device)
+
+    return forward
+
+
+def _push(where: str, problem: Problem, params: Vector, prepared: Prepared, v: Vector,
+          k: int | None) -> tuple[Vector, Tensor, Tensor]:
+    """``(leaves, f, J v)``: the outputs ``f`` ``[N, T, C]`` with their graph to ``leaves`` and the
+    tangents ``J v`` ``[(K,) N, T, C]``, from one forward.
+    """
+    leaves = _leaves(params)
+    forward = _forward(where, problem, prepared)
+    with torch.enable_grad():
+        if k is None:
+            out, jv = jvp(forward, (leaves,), (v,))
+        else:
+            out, jv = vmap(lambda t: jvp(forward, (leaves,), (t,)), out_dims=(None, 0))(v)
+    taps.check_outputs(where, problem, out.detach(), prepared)
+    return leaves, out, jv
+
+
+def _pull(leaves: Vector, out: Tensor, cotangent: Tensor, k: int | None) -> Vector:
+    """``Jᵀ u`` for the cotangent ``u`` ``[(K,) N, T, C]``: one backward through ``out``'s graph."""
+    grads = torch.autograd.grad(out, list(leaves.values()), cotangent.to(out.dtype), allow_unused=True,
+                                is_grads_batched=k is not None)
+    lead = () if k is None else (k,)
+    return {name: torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
+            for (name, p), g in zip(leaves.items(), grads, strict=True)}
+
+
+def _ggn_cotangent(problem: Problem, out: Tensor, jv: Tensor, prepared: Prepared, **_: Any) -> Tensor:
+    """``u = H J v`` per active position (zero elsewhere), ``H`` in closed form."""
+    f = out.detach()
+    if f.dtype in (torch.float16, torch.bfloat16):
+        f, jv = f.float(), jv.float()
+    return problem.likelihood.hessian_vp(f, jv) * prepared.active[..., None].to(f.dtype)
+
+
+def _gradient_cotangent(problem: Problem, out: Tensor, jv: Tensor, prepared: Prepared, *, kind: str, per: str,
+                        noise: Tensor | None) -> Tensor:
+    """``u = Σ_r a_r (a_rᵀ J v) / R`` with ``a_r = ∂ℓ/∂f`` per sample (or position) and draw ``r``."""
+    a = taps.output_vectors(problem, out.detach(), prepared, kind, noise)  # [R, N, T, C], zero where inactive
+    jv = jv.to(a.dtype)
+    lead = jv.ndim - 3  # 0, or 1 for K vectors
+    a_ = a.reshape(a.shape[0], *[1] * lead, *a.shape[1:])  # [R, (1,) N, T, C]
+    along = (a_ * jv).sum(-1)  # [R, (K,) N, T]: a_{n,t}ᵀ (J v)_{n,t}
+    if per == "sample":
+        along = along.sum(-1, keepdim=True)  # ∇ℓ_nᵀ v
+    return (a_ * along[..., None]).sum(0) / a.shape[0]
+
+
+def _fisher_product(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
+                    normalize: str, cotangent: Any, kind: str = "exact", per: str = "sample", n_samples: int = 1,
+                    generator: torch.Generator | None = None) -> Vector:
+    """``(1/Σ_b Z_b) Σ_b Σ_n J_nᵀ u_n`` with ``u = cotangent(f, J v)`` per batch: the shared Fisher product."""
+    params, v, k = _check(where, problem, params, v, normalize)
+    if per not in PERS:
+        raise FisherError(f"{where}: per must be one of {list(PERS)}, got {per!r}")
+    tangents = _tangents(v, params)
+
+    def product(prepared: Prepared, noise: Tensor | None) -> Vector:
+        leaves, out, jv = _push(where, problem, params, prepared, tangents, k)
+        u = cotangent(problem, out, jv, prepared, kind=kind, per=per, noise=noise)
+        return _pull(leaves, out, u, k)
+
+    return _accumulate(where, problem, params, batch, normalize, product, kind, n_samples, generator)
+
+
+def _check(where: str, problem: Problem, params: Mapping[str, Tensor], v: Mapping[str, Tensor],
+           normalize: str) -> tuple[Vector, Vector, int | None]:
+    if normalize not in NORMALIZES:
+        raise FisherError(f"{where}: normalize must be one of {list(NORMALIZES)}, got {normalize!r}")
+    params = check_params(where, problem, params)
+    v, k = check_vector(where, v, params)
+    return params, v, k
+
+
+def _accumulate(where: str, problem: Problem, params: Vector, batch: Any, normalize: str, product: Any, kind: str,
+                n_samples: int, generator: torch.Generator | None) -> Vector:
+    """Run ``product(prepared, noise)`` (an unnormalised sum) on every batch and divide by ``Σ_b Z_b``."""
+    total: Vector | None = None
+    count = 0
+    for b in batches_of(batch):
+        prepared = prepare_batch(where, problem, params, b, kind, n_samples, generator, normalize)
+        with _math_sdpa():
+            part = product(prepared.prepared, prepared.noise)
+        total = part if total is None else {name: total[name] + part[name] for name in total}
+        count += int(prepared.count)
+    if total is None:
+        raise FisherError(f"{where}: batch is an empty collection of batches; expected one batch or a non-empty "
+                          "list (or iterable) of batches")
+    bad = non_finite(total)
+    if bad is not None:
+        raise FisherError(f"{where}: the product is non-finite for parameter {bad!r} (inf or NaN in the model's "
+                          "outputs or their derivatives)")
+    return {name: x / count for name, x in total.items()}
+
+
+def ggn_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
+           normalize: Normalize = "samples") -> Vector:
+    """Exact Fisher (= generalised Gauss–Newton) times ``v``.
+
+    .. math::
+        G v = \\frac{1}{Z} \\sum_n J_n^\\top H_n J_n v, \\qquad H_n = \\frac{\\partial^2 ℓ_n}{\\partial f_n^2}
+
+    summed over active positions; for the likelihoods of fisherfx ``H_n`` does not depend on the labels,
+    so this is the Fisher ``E_y[∇ℓ ∇ℓᵀ]`` of ``diag_fisher(kind="exact")``.
+
+    Args:
+        problem: from :func:`~fisherfx.supervised` or :func:`~fisherfx.causal_lm`.
+        params: ``{name: [*P]}``, the parameters the operator acts on (any subset of the model's; the
+            others are held at the model's values).
+        batch: one batch as ``problem`` reads it, or a list / iterable of batches: then the exact
+            count-weighted average ``Σ_b Z_b G_b v / Σ_b Z_b`` (a one-shot iterator is consumed).
+        v: ``{name: [*P]}`` shaped like ``params``, or ``{name: [K, *P]}``: ``K`` products in one call,
+            sharing the forward.
+        normalize: ``Z`` = ``"samples"`` (N rows), ``"tokens"`` (active positions) or ``"none"`` (1).
+
+    Returns:
+        ``{name: [*P]}`` (or ``[K, *P]``) in the parameters' dtype.
+
+    Raises:
+        FisherError: ``v`` with other names or shapes than ``params`` or non-finite, bad options or
+            parameters, a batch with no active position, targets that do not fit the outputs, an empty
+            list of batches, a non-finite product.
+
+    """
+    return _fisher_product("ggn_vp", problem, params, batch, v, normalize, _ggn_cotangent)
+
+
+#: The same function as :func:`ggn_vp`: the exact Fisher equals the GGN for these likelihoods.
+fisher_vp = ggn_vp
+
+
+def empirical_fisher_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
+                        normalize: Normalize = "samples", per: Per = "sample") -> Vector:
+    """Empirical Fisher times ``v``, with no per-sample gradient formed.
+
+    .. math::
+        F v = \\frac{1}{Z} \\sum_n \\nabla ℓ_n \\, (\\nabla ℓ_n^\\top v)
+        \\qquad (\\text{per="token"}: \\sum_{n,t} \\nabla ℓ_{n,t} (\\nabla ℓ_{n,t}^\\top v))
+
+    ``∇ℓ_nᵀ v = Σ_t (∂ℓ_{n,t}/∂f_{n,t})ᵀ (J v)_{n,t}`` comes from the one ``jvp``; the weighted sum of
+    gradients from the one backward.
+
+    Args:
+        problem, params, batch, v, normalize: as :func:`ggn_vp`.
+        per: ``"sample"`` (``∇ℓ_n``) or ``"token"`` (each active position its own sample).
+
+    Returns:
+        ``{name: [*P]}`` (or ``[K, *P]``).
+
+    Raises:
+        FisherError: as :func:`ggn_vp`.
+
+    """
+    return _fisher_product("empirical_fisher_vp", problem, params, batch, v, normalize, _gradient_cotangent,
+                           kind="empirical", per=per)
+
+
+def mc_fisher_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
+                 n_samples: int = 1, generator: torch.Generator | None = None, normalize: Normalize = "samples",
+                 per: Per = "sample") -> Vector:
+    """Monte-Carlo ("true") Fisher times ``v``: the empirical product with labels drawn from the model.
+
+    .. math::
+        F v = \\frac{1}{Z S} \\sum_n \\sum_{s=1}^{S} \\nabla ℓ_n(ỹ^s) \\, (\\nabla ℓ_n(ỹ^s)^\\top v),
+        \\qquad ỹ^s \\sim p(\\cdot \\mid x_n, θ)
+
+    The draws are those of ``diag_fisher(kind="mc")`` for the same generator state (drawn for the active
+    positions only, batch after batch), so unit-vector products reproduce its diagonal.
+
+    Args:
+        problem, params, batch, v, normalize, per: as :func:`empirical_fisher_vp`.
+        n_samples: draws ``S`` per active position.
+        generator: seeds the draws; the same state gives the same product.
+
+    Returns:
+        ``{name: [*P]}`` (or ``[K, *P]``).
+
+    Raises:
+        FisherError: as :func:`ggn_vp`, and ``n_samples`` not a positive integer.
+
+    """
+    where = "mc_fisher_vp"
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise FisherError(f"{where}: n_samples must be a positive integer, got {n_samples!r}")
+    return _fisher_product(where, problem, params, batch, v, normalize, _gradient_cotangent, kind="mc", per=per,
+                           n_samples=n_samples, generator=generator)
+
+
+def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
+        normalize: Normalize = "samples") -> Vector:
+    """Hessian of the normalised NLL :func:`~fisherfx.nll` times ``v`` (forward-over-reverse).
+
+    .. math::
+        H v = \\nabla^2_θ \\Big( \\frac{1}{Z} \\sum_n ℓ_n(θ) \\Big) v
+            = G v + \\frac{1}{Z} \\sum_n \\sum_{t, c} \\frac{\\partial ℓ_n}{\\partial f_{n,t,c}}
+              \\nabla^2_θ f_{n,t,c} \\, v
+
+    Not positive semi-definite in general (the second term); it equals :func:`ggn_vp` for a model
+    linear in ``params``.
+
+    Args:
+        problem, params, batch, v, normalize: as :func:`ggn_vp`.
+
+    Returns:
+        ``{name: [*P]}`` (or ``[K, *P]``).
+
+    Raises:
+        FisherError: as :func:`ggn_vp`.
+
+    """
+    where = "hvp"
+    params, v, k = _check(where, problem, params, v, normalize)
+    tangents = _tangents(v, params)
+    primals = {name: p.detach() for name, p in params.items()}
+
+    def product(prepared: Prepared, noise: Tensor | None) -> Vector:
+        forward = _forward(where, problem, prepared)
+
+        def loss(values: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+            out = forward(values)
+            return summed_nll(problem, out, prepared), out
+
+        gradient = grad(loss, has_aux=True)
+        try:
+            if k is None:
+                _, hv, out = jvp(gradient, (primals,), (tangents,), has_aux=True)
+            else:
+                def one(t: Vector) -> tuple[Vector, Tensor]:
+                    _, hv, out = jvp(gradient, (primals,), (t,), has_aux=True)
+                    return hv, out
+
+                hv, out = vmap(one, out_dims=(0, None))(tangents)
+        except FisherError:
+            raise
+        except Exception:  # targets the loss cannot read raise inside it: say which, on one sample's forward
+            output_width(where, problem, params, prepared)
+            raise
+        taps.check_outputs(where, problem, out, prepared)
+        return hv
+
+    return _accumulate(where, problem, params, batch, normalize, product, "exact", 1, None)
+
+
+__all__ = ["batches_of", "empirical_fisher_vp", "fisher_vp", "ggn_vp", "hvp", "mc_fisher_vp"]
