@@ -306,8 +306,7 @@ def test_sharpness_result_is_consistent_and_reproducible(norm):
     result = run(0)
     assert result.history.shape == (6,)
     assert result.increase == result.history.max()
-    delta = {name: result.delta[name] for name in theta}
-    recomputed = ffx.nll(case.problem, {k: theta[k] + delta[k] for k in theta}, case.batch) - result.base_loss
+    recomputed = ffx.nll(case.problem, {k: theta[k] + result.delta[k] for k in theta}, case.batch) - result.base_loss
     close(result.increase, recomputed, **EXACT)
     close(result.base_loss, ffx.nll(case.problem, theta, case.batch), **EXACT)
     again = run(0)
