@@ -18,6 +18,7 @@ from .groups import (
 )
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 from .losses import nll
+from .operators import empirical_fisher_vp, fisher_vp, ggn_vp, hvp, mc_fisher_vp
 from .problems import Prepared, Problem, causal_lm, left_align, model_call, params_of, supervised
 from .state import (
                      EMAState,
@@ -55,6 +56,12 @@ __all__ = [
     "group_fisher",
     "mask_importance",
     "per_sample_grads",
+    # curvature operators
+    "empirical_fisher_vp",
+    "fisher_vp",
+    "ggn_vp",
+    "hvp",
+    "mc_fisher_vp",
     # which engine serves what
     "Explanation",
     "Served",

@@ -33,9 +33,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, grad, hessian, jacrev
 
 from .likelihoods import Bernoulli, Categorical, Gaussian
+from .vectors import flatten, unflatten  # the flat order of every dense matrix here
 
 Params = dict[str, Tensor]
 
@@ -56,41 +57,6 @@ class SampleNLL(NamedTuple):
     outputs: Callable[[Params], Tensor]
     nll: Callable[[Tensor], Tensor]
     active: Tensor
-
-
-# --- flat parameter vectors ---------------------------------------------------------------------
-
-def flatten(values: Mapping[str, Tensor], like: Mapping[str, Tensor] | None = None) -> Tensor:
-    """Concatenate ``{name: [*L, *P]}`` into ``[*L, D]``, ``D = Σ numel(P)``, in the order of ``like``.
-
-    Args:
-        values: tensors shaped like the parameters, with the same leading axes ``L`` each.
-        like: ``{name: [*P]}`` giving the order and the parameter shapes (default: ``values``
-            itself, with no leading axes).
-
-    Returns:
-        ``[*L, D]``.
-
-    """
-    like = values if like is None else like
-    parts = []
-    for name, p in like.items():
-        v = values[name]
-        lead = v.shape[: v.ndim - p.ndim]
-        parts.append(v.reshape(*lead, p.numel()))
-    return torch.cat(parts, dim=-1)
-
-
-def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Params:
-    """Inverse of :func:`flatten`: ``[*L, D]`` → ``{name: [*L, *P]}`` with the shapes of ``like``."""
-    out, start = {}, 0
-    for name, p in like.items():
-        out[name] = vector[..., start : start + p.numel()].reshape(*vector.shape[:-1], *p.shape)
-        start += p.numel()
-    if start != vector.shape[-1]:
-        raise ValueError(f"unflatten: vector of length {vector.shape[-1]} does not fit parameters of "
-                         f"total size {start}")
-    return out
 
 
 # --- per-sample losses ----------------------------------------------------------------------------
@@ -312,6 +278,36 @@ def exact_fisher(nlls: Sequence[SampleNLL], params: Mapping[str, Tensor], count:
     return total / count
 
 
+def hessian_matrix(nlls: Sequence[SampleNLL], params: Mapping[str, Tensor], count: float) -> Tensor:
+    """Dense Hessian of the normalised loss, one sample at a time.
+
+    .. math::
+        H = \\frac{1}{Z} \\sum_n \\nabla^2_θ \\ell_n(θ)
+
+    by reverse-over-reverse differentiation (``jacrev`` of ``grad``) of each sample's summed loss on
+    the flattened parameters. (Not :func:`torch.func.hessian`: its forward-over-reverse ``jacfwd`` of
+    ``jacrev`` gives wrong entries through ``nn.Embedding`` in torch 2.13, off by up to 0.24 against
+    finite differences on the Embedding + LayerNorm test case.)
+
+    Args:
+        nlls: per-sample losses, e.g. from :func:`supervised_nlls` or :func:`causal_lm_nlls`.
+        params: ``{name: [*P]}``, the parameters (others keep the model's values).
+        count: the normaliser ``Z``.
+
+    Returns:
+        ``[D, D]``.
+
+    """
+    theta = flatten({k: v.detach() for k, v in params.items()})
+    total = theta.new_zeros(theta.shape[0], theta.shape[0])
+    for s in nlls:
+        def loss(flat: Tensor, s: SampleNLL = s) -> Tensor:
+            return s.nll(s.outputs(unflatten(flat, params))).sum()
+
+        total += jacrev(grad(loss))(theta)
+    return total / count
+
+
 # --- assertions ---------------------------------------------------------------------------------------
 
 def assert_tree_close(actual: Mapping[str, Tensor], expected: Mapping[str, Tensor], **tol: Any) -> None:
@@ -341,4 +337,4 @@ def assert_tree_close(actual: Mapping[str, Tensor], expected: Mapping[str, Tenso
 
 
 __all__ = ["SampleNLL", "assert_tree_close", "causal_lm_nlls", "empirical_fisher", "exact_fisher", "flatten",
-           "loop_grads", "normalizer", "supervised_nlls", "unflatten"]
+           "hessian_matrix", "loop_grads", "normalizer", "supervised_nlls", "unflatten"]
