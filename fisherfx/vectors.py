@@ -119,7 +119,7 @@ def unflatten(vector: Tensor, like: Mapping[str, Tensor]) -> Vector:
                           f"{total}")
     out, start = {}, 0
     for name, p in like.items():
-        out[name] = vector[..., start : start + p.numel()].reshape(*vector.shape[:-1], *p.shape)
+        out[name] = vector[..., start : start + p.numel()].reshape((*vector.shape[:-1], *p.shape))
         start += p.numel()
     return out
 
