@@ -61,8 +61,8 @@ def cg_solve(matvec: Matvec, b: Mapping[str, Tensor], damping: float = 0.0, tol:
         ``residuals`` ``[iterations + 1]`` (``[iterations + 1, K]``) the relative residual norms from
         ``x0`` on, the last one recomputed from ``x`` as ``‖b − (A + λI)x‖ / ‖b‖`` (one more product)
         rather than taken from the recurrence; ``iterations`` the CG steps taken; ``converged`` True
-        only if that last residual is ``≤ tol``
-        for every system. A ``b`` of zero gives ``x = 0`` and residual 0.
+        only if that last residual is ``≤ tol`` for every system. A ``b`` of zero gives ``x = 0``
+        and residual 0.
 
     Raises:
         FisherError: bad options, ``b``/``x0`` not shaped like ``like`` or non-finite, a matvec or
