@@ -18,8 +18,22 @@ from .groups import (
 )
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 from .losses import nll
+from .metrics import Capacity, Flatness, Sharpness, capacity_report, flatness, sharpness
 from .operators import empirical_fisher_vp, fisher_vp, ggn_vp, hvp, mc_fisher_vp
 from .problems import Prepared, Problem, causal_lm, left_align, model_call, params_of, supervised
+from .spectrum import (
+                       CGResult,
+                       Eigen,
+                       SpectralDensity,
+                       TraceEstimate,
+                       cg_solve,
+                       hutchinson_trace,
+                       lanczos,
+                       linear_operator,
+                       power_iteration,
+                       slq_trace,
+                       spectral_density,
+)
 from .state import (
                      EMAState,
                      Estimate,
@@ -62,6 +76,25 @@ __all__ = [
     "ggn_vp",
     "hvp",
     "mc_fisher_vp",
+    # solves and spectra
+    "CGResult",
+    "Eigen",
+    "SpectralDensity",
+    "TraceEstimate",
+    "cg_solve",
+    "hutchinson_trace",
+    "lanczos",
+    "linear_operator",
+    "power_iteration",
+    "slq_trace",
+    "spectral_density",
+    # capacity and landscape
+    "Capacity",
+    "Flatness",
+    "Sharpness",
+    "capacity_report",
+    "flatness",
+    "sharpness",
     # which engine serves what
     "Explanation",
     "Served",

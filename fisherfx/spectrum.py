@@ -71,6 +71,10 @@ class SpectralDensity(NamedTuple):
     nodes: Tensor
     weights: Tensor
 
+    def density(self, grid: Tensor, sigma: float) -> Tensor:
+        """The Gaussian-smoothed density on ``grid``: :func:`density` of this value."""
+        return density(self, grid, sigma)
+
 
 # --- eigenpairs -------------------------------------------------------------------------------------
 
