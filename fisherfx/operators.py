@@ -18,7 +18,8 @@ How: one forward with tangents (:func:`torch.func.jvp`) gives the outputs ``f`` 
 whole batch; the output-space cotangent ``u`` (``H J v``, or ``∇_f ℓ · (∇ℓᵀ v)``) is formed in closed
 form; one backward through the same forward gives ``Jᵀ u``. ``K`` vectors at once (a leading axis on
 every ``v[name]``) share the forward: the tangents are batched with :func:`torch.func.vmap`, the
-backward with ``is_grads_batched``. :func:`hvp` is forward-over-reverse, ``jvp`` of ``grad``.
+backward with ``is_grads_batched``. :func:`hvp` is reverse over reverse: the backward of the
+gradient (built with ``create_graph``) along ``v``, measured faster on CPU than ``jvp`` of ``grad``.
 
 Attention: ``torch``'s fused SDPA kernels have no forward-mode derivative on some devices, so the
 products run under the math SDPA backend (:func:`torch.nn.attention.sdpa_kernel`).
@@ -30,11 +31,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vmap
+from torch.func import jvp, vmap
 
 from ._errors import FisherError
 from .engines import taps
-from .fisher import NORMALIZES, PERS, Normalize, Per, check_params, output_width, prepare_batch
+from .fisher import NORMALIZES, PERS, Normalize, Per, check_params, prepare_batch
 from .losses import summed_nll
 from .problems import Prepared, Problem
 from .vectors import Vector, check_vector, non_finite
@@ -270,7 +271,7 @@ def mc_fisher_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: 
 
 def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
         normalize: Normalize = "samples") -> Vector:
-    """Hessian of the normalised NLL :func:`~fisherfx.nll` times ``v`` (forward-over-reverse).
+    """Hessian of the normalised NLL :func:`~fisherfx.nll` times ``v`` (reverse over reverse).
 
     .. math::
         H v = \\nabla^2_θ \\Big( \\frac{1}{Z} \\sum_n ℓ_n(θ) \\Big) v
@@ -293,31 +294,23 @@ def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[s
     where = "hvp"
     params, v, k = _check(where, problem, params, v, normalize)
     tangents = _tangents(v, params)
-    primals = {name: p.detach() for name, p in params.items()}
 
     def product(prepared: Prepared, noise: Tensor | None) -> Vector:
-        forward = _forward(where, problem, prepared)
-
-        def loss(values: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-            out = forward(values)
-            return summed_nll(problem, out, prepared), out
-
-        gradient = grad(loss, has_aux=True)
-        try:
-            if k is None:
-                _, hv, out = jvp(gradient, (primals,), (tangents,), has_aux=True)
-            else:
-                def one(t: Vector) -> tuple[Vector, Tensor]:
-                    _, hv, out = jvp(gradient, (primals,), (t,), has_aux=True)
-                    return hv, out
-
-                hv, out = vmap(one, out_dims=(0, None))(tangents)
-        except FisherError:
-            raise
-        except Exception:  # targets the loss cannot read raise inside it: say which, on one sample's forward
-            output_width(where, problem, params, prepared)
-            raise
-        taps.check_outputs(where, problem, out, prepared)
+        leaves = _leaves(params)
+        with torch.enable_grad():
+            out = _forward(where, problem, prepared)(leaves)
+            taps.check_outputs(where, problem, out.detach(), prepared)  # before the loss reads the targets
+            gradient = torch.autograd.grad(summed_nll(problem, out, prepared), list(leaves.values()),
+                                           create_graph=True, allow_unused=True)
+        lead = () if k is None else (k,)
+        hv = {name: torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device) for name, p in leaves.items()}
+        # the gradient's own gradient along v; entries whose gradient is constant in θ have a zero block
+        live = [(name, g) for name, g in zip(leaves, gradient, strict=True) if g is not None and g.requires_grad]
+        if live:
+            second = torch.autograd.grad([g for _, g in live], list(leaves.values()),
+                                         [tangents[name] for name, _ in live], allow_unused=True,
+                                         is_grads_batched=k is not None)
+            hv.update({name: h for name, h in zip(leaves, second, strict=True) if h is not None})
         return hv
 
     return _accumulate(where, problem, params, batch, normalize, product, "exact", 1, None)
