@@ -263,18 +263,26 @@ def exact_fisher(nlls: Sequence[SampleNLL], params: Mapping[str, Tensor], count:
         ``[D, D]``.
 
     """
-    theta = flatten({k: v.detach() for k, v in params.items()})
-    total = theta.new_zeros(theta.shape[0], theta.shape[0])
-    for s in nlls:
-        def outputs(flat: Tensor, s: SampleNLL = s) -> Tensor:
+    def block(s: SampleNLL, theta: Tensor) -> Tensor:
+        def outputs(flat: Tensor) -> Tensor:
             return s.outputs(unflatten(flat, params)).reshape(-1)
 
         with torch.no_grad():
             shape = s.outputs(dict(params)).shape
         jac = jacrev(outputs)(theta)  # [O, D]
-        out = outputs(theta).detach()
-        hess = hessian(lambda o, s=s, shape=shape: s.nll(o.reshape(shape)).sum())(out)  # [O, O]
-        total += jac.T @ hess @ jac
+        hess = hessian(lambda o: s.nll(o.reshape(shape)).sum())(outputs(theta).detach())  # [O, O]
+        return jac.T @ hess @ jac
+
+    return _sample_sum(nlls, params, count, block)
+
+
+def _sample_sum(nlls: Sequence[SampleNLL], params: Mapping[str, Tensor], count: float,
+                block: Callable[[SampleNLL, Tensor], Tensor]) -> Tensor:
+    """``(1/Z) Σ_n block(s_n, θ)`` over samples, ``θ`` the flattened parameters, each block ``[D, D]``."""
+    theta = flatten({k: v.detach() for k, v in params.items()})
+    total = theta.new_zeros(theta.shape[0], theta.shape[0])
+    for s in nlls:
+        total += block(s, theta)
     return total / count
 
 
@@ -298,14 +306,10 @@ def hessian_matrix(nlls: Sequence[SampleNLL], params: Mapping[str, Tensor], coun
         ``[D, D]``.
 
     """
-    theta = flatten({k: v.detach() for k, v in params.items()})
-    total = theta.new_zeros(theta.shape[0], theta.shape[0])
-    for s in nlls:
-        def loss(flat: Tensor, s: SampleNLL = s) -> Tensor:
-            return s.nll(s.outputs(unflatten(flat, params))).sum()
+    def block(s: SampleNLL, theta: Tensor) -> Tensor:
+        return jacrev(grad(lambda flat: s.nll(s.outputs(unflatten(flat, params))).sum()))(theta)
 
-        total += jacrev(grad(loss))(theta)
-    return total / count
+    return _sample_sum(nlls, params, count, block)
 
 
 # --- assertions ---------------------------------------------------------------------------------------

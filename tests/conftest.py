@@ -28,3 +28,17 @@ def _restore_torch_state():
     finally:
         torch.set_default_dtype(dtype)
         torch.set_rng_state(rng)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and does not fight parallel test runs for cores.
+
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -38,15 +38,7 @@ MC_MAX_REL_BOUND = 0.15
 """Guard against a vacuous MC test: the tolerance, relative to the exact values, must be this tight."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and does not fight parallel test runs for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
