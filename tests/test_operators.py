@@ -375,3 +375,27 @@ def test_non_finite_product_is_refused(mlp):
 
 def test_operators_module_names():
     assert set(operators.__all__) >= {"ggn_vp", "fisher_vp", "empirical_fisher_vp", "mc_fisher_vp", "hvp"}
+
+
+# --- the operators in the solvers and spectra ---------------------------------------------------------
+
+def test_operators_drive_the_solvers_and_spectra():
+    """Lanczos on ggn_vp gives the dense GGN's top eigenvalues, CG on it the dense damped solve, Hutchinson
+    on hvp the dense Hessian's trace (within 4 standard errors), on a real model rather than a matrix."""
+    case = BY_NAME["tied-weights"]
+    b = build(case)
+    z = testing.normalizer(b.nlls, "samples")
+    ggn = functools.partial(ffx.ggn_vp, b.problem, b.params, b.batch)
+    dense_g = dense(case.name, "ggn") / z
+    top = ffx.lanczos(ggn, b.params, k=3, generator=generator(0))
+    torch.testing.assert_close(top.values, torch.linalg.eigvalsh(dense_g).flip(0)[:3], rtol=1e-8, atol=1e-10)
+    rhs = probes(b.params, k=None)
+    solved = ffx.cg_solve(ggn, rhs, damping=0.1, tol=1e-10)
+    assert solved.converged
+    want = torch.linalg.solve(dense_g + 0.1 * torch.eye(dense_g.shape[0], dtype=dense_g.dtype),
+                              vectors.flatten(rhs, b.params))
+    torch.testing.assert_close(vectors.flatten(solved.x, b.params), want, rtol=1e-7, atol=1e-9)
+    hessian = functools.partial(ffx.hvp, b.problem, b.params, b.batch)
+    trace = ffx.hutchinson_trace(hessian, b.params, n_probes=64, generator=generator(1))
+    exact = float(dense(case.name, "hessian").trace()) / z
+    assert abs(float(trace.estimate) - exact) <= 4 * float(trace.standard_error)
