@@ -23,7 +23,7 @@ from ._errors import FisherError
 from .engines import generic, taps
 from .groups import Groups, check_groups, reduce_groups, some_names
 from .problems import Prepared, Problem
-from .state import Estimate, cast
+from .state import Estimate, Provenance, cast, provenance
 
 Kind = Literal["empirical", "mc", "exact"]
 Per = Literal["sample", "token"]
@@ -149,14 +149,15 @@ def output_width(where: str, problem: Problem, params: Mapping[str, Tensor], pre
     return out.shape[-1]
 
 
-def _finish(where: str, sums: dict[str, Tensor], scale: float, count: Tensor, storage_dtype, device) -> Estimate:
+def _finish(where: str, sums: dict[str, Tensor], scale: float, count: Tensor, storage_dtype, device,
+            made: Provenance) -> Estimate:
     if sums and not bool(torch.stack([s.sum() for s in sums.values()]).isfinite().all()):  # one check for all
         bad = next(name for name, s in sums.items() if not bool(torch.isfinite(s).all()))
         raise FisherError(f"{where}: non-finite gradients for parameter {bad!r} (inf or NaN in the loss or the "
                           "model)")
     factor = scale / float(count)
     value = {name: s * factor for name, s in sums.items()}
-    return _store(Estimate(value, count), storage_dtype, device)
+    return _store(Estimate(value, count, made), storage_dtype, device)
 
 
 def _store(est: Estimate, storage_dtype: torch.dtype | None, device) -> Estimate:
@@ -216,7 +217,8 @@ OPTIONS = ("kind", "n_samples", "generator", "per", "normalize", "engine", "dtyp
 
 
 def _estimate(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, names: list[str] | None,
-              request: Any, make_reduce: Any, *, kind: Kind = "empirical", n_samples: int = 1,
+              request: Any, make_reduce: Any, *, quantity: str = "diagonal", groups: Mapping[str, Any] | None = None,
+              kind: Kind = "empirical", n_samples: int = 1,
               generator: torch.Generator | None = None, per: Per = "sample", normalize: Normalize = "samples",
               engine: Engine = "auto", dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
               storage_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Estimate:
@@ -224,14 +226,16 @@ def _estimate(where: str, problem: Problem, params: Mapping[str, Tensor], batch:
 
     The model is evaluated at all of ``params``; ``names`` (default: all) are estimated, with
     ``request(name)`` for the tap engine and ``make_reduce(dtype, params)`` the generic engine's
-    per-sample reducer of the same quantity.
+    per-sample reducer of the same quantity; ``quantity`` and ``groups`` go into the provenance.
     """
     check_options(where, kind, n_samples, per, normalize, engine, dtype, chunk_size)
     params = check_params(where, problem, params)
     b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
     sums = _engines(where, problem, params, b, request, make_reduce(dtype, params), kind=kind, per=per,
                     engine=engine, dtype=dtype, chunk_size=chunk_size, names=names)
-    return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, storage_dtype, device)
+    made = provenance(quantity, kind=kind, per=per, normalize=normalize, n_samples=n_samples, dtype=dtype,
+                      groups=groups)
+    return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, storage_dtype, device, made)
 
 
 def diag_fisher(
@@ -329,7 +333,8 @@ def group_fisher(
         return lambda vectors: reduce_groups(squares(vectors), {k: checked[k] for k in vectors})
 
     return _estimate(where, problem, params, batch, list(checked),
-                     lambda k: taps.Request(checked[k].pattern, checked[k].sizes), grouped_squares, **options)
+                     lambda k: taps.Request(checked[k].pattern, checked[k].sizes), grouped_squares,
+                     quantity="group", groups=checked, **options)
 
 
 def mask_importance(
@@ -383,8 +388,9 @@ def mask_importance(
 
     return _estimate(where, problem, params, batch, list(checked),
                      lambda k: taps.Request(checked[k].pattern, checked[k].sizes, mask=True), masked_squares,
-                     kind=kind, n_samples=n_samples, generator=generator, per=per, normalize=normalize, engine=engine,
-                     dtype=dtype, chunk_size=chunk_size, storage_dtype=storage_dtype, device=device)
+                     quantity="mask_importance", groups=checked, kind=kind, n_samples=n_samples, generator=generator,
+                     per=per, normalize=normalize, engine=engine, dtype=dtype, chunk_size=chunk_size,
+                     storage_dtype=storage_dtype, device=device)
 
 
 def per_sample_grads(

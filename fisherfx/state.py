@@ -2,24 +2,113 @@
 
 Pure arithmetic on values; no engine is imported here. Every update returns a new state and never
 writes into its inputs.
+
+Every estimate and state carries its :class:`Provenance`, the options that made it. Combining
+(:func:`combine`, :func:`ema_update`, :func:`sum_update`, and ``all_reduce``) checks that the parts
+measure the same thing: the same ``quantity``, ``kind``, ``per``, ``normalize`` and group spec, or
+raises a :class:`FisherError` naming the field and both values. A field that is ``"unknown"``
+(an ``Estimate(value, count)`` built by hand) is compatible with anything and the result takes the
+known value. ``n_samples`` and ``dtype`` are recorded, not checked: parts that differ in them give
+``"mixed"``.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._errors import FisherError
+from .groups import Group, as_group
 
 Values = dict[str, Tensor]
 
+UNKNOWN = "unknown"  # a provenance field nobody recorded: compatible with any value
+MIXED = "mixed"  # a recorded-only field (n_samples, dtype) on which combined parts differ
+
+QUANTITIES = ("diagonal", "group", "mask_importance")
+
+
+class Provenance(NamedTuple):
+    """What an estimate measures and how: the options of the estimator that made it.
+
+    ``quantity`` is ``"diagonal"`` (:func:`~fisherfx.diag_fisher`), ``"group"``
+    (:func:`~fisherfx.group_fisher`) or ``"mask_importance"``; ``kind``, ``per``, ``normalize`` and
+    ``n_samples`` are the estimator's options (``n_samples`` is 1 unless ``kind="mc"``), ``dtype``
+    the accumulation dtype's name (``"float32"``); ``groups`` the group spec ``{name: Group}`` of a
+    group or mask-importance estimate, ``None`` for per-entry values. Every field defaults to
+    ``"unknown"``.
+    """
+
+    quantity: str = UNKNOWN
+    kind: str = UNKNOWN
+    per: str = UNKNOWN
+    normalize: str = UNKNOWN
+    n_samples: int | str = UNKNOWN
+    dtype: str = UNKNOWN
+    groups: "Mapping[str, Group] | None | str" = UNKNOWN  # never mutated (a NamedTuple default is shared)
+
+
+NO_PROVENANCE = Provenance()
+_CHECKED = ("quantity", "kind", "per", "normalize")  # then groups; n_samples and dtype are recorded only
+
+
+def provenance(quantity: str, *, kind: str, per: str, normalize: str, n_samples: int, dtype: torch.dtype,
+               groups: "Mapping[str, Group | str] | None" = None) -> Provenance:
+    """The provenance of an estimator's result, in canonical form (dtype by name, groups as :class:`Group`)."""
+    spec = None if groups is None else {name: as_group(g) for name, g in groups.items()}
+    return Provenance(quantity, kind, per, normalize, int(n_samples) if kind == "mc" else 1,
+                      str(dtype).removeprefix("torch."), spec)
+
+
+def _spec(groups: Any) -> Any:
+    return groups if groups is None or isinstance(groups, str) else {k: as_group(g) for k, g in groups.items()}
+
+
+def _show(group: Group) -> str:
+    return f"{group.pattern!r}" + (f" with {dict(group.sizes)}" if group.sizes else "")
+
+
+def merge_provenance(where: str, have: Provenance, got: Provenance, what: tuple[str, str] = ("one estimate",
+                     "another")) -> Provenance:
+    """The provenance of ``have`` and ``got`` combined, or a FisherError naming the field that differs.
+
+    ``what`` names the two sides in the message (``("the state", "the estimate")``).
+    """
+    have, got = have or NO_PROVENANCE, got or NO_PROVENANCE
+    out = {}
+    for field in _CHECKED:
+        a, b = getattr(have, field), getattr(got, field)
+        if a != UNKNOWN and b != UNKNOWN and a != b:
+            raise FisherError(f"{where}: cannot mix estimates of different {field}: {what[0]}: {field}={a!r}; "
+                              f"{what[1]}: {field}={b!r}")
+        out[field] = b if a == UNKNOWN else a
+    ga, gb = _spec(have.groups), _spec(got.groups)
+    if UNKNOWN not in (ga, gb) and ga != gb:
+        if ga is None or gb is None:
+            grouped, entries = (what[0], what[1]) if gb is None else (what[1], what[0])
+            raise FisherError(f"{where}: cannot mix estimates of group values and per-entry values: {grouped}: a "
+                              f"group spec; {entries}: groups=None")
+        name = next(k for k in sorted({*ga, *gb}) if ga.get(k) != gb.get(k))
+        show = [_show(g[name]) if name in g else "no group" for g in (ga, gb)]
+        raise FisherError(f"{where}: cannot mix estimates of different group specs: for {name!r}, {what[0]}: "
+                          f"{show[0]}; {what[1]}: {show[1]}")
+    out["groups"] = gb if isinstance(ga, str) else ga
+    for field in ("n_samples", "dtype"):
+        a, b = getattr(have, field), getattr(got, field)
+        out[field] = b if a == UNKNOWN else a if b in (UNKNOWN, a) else MIXED
+    return Provenance(**out)
+
 
 class Estimate(NamedTuple):
-    """A Fisher estimate normalised by its count: ``value = (Σ contributions) / count``."""
+    """A Fisher estimate normalised by its count: ``value = (Σ contributions) / count``.
+
+    ``Estimate(value, count)`` builds one of unknown provenance; the estimators fill ``provenance``.
+    """
 
     value: Values  # {name: tensor}, shaped like the parameter (or its group axes)
     count: Tensor  # shape=(), int64: the normaliser Z (samples, active tokens, or 1)
+    provenance: Provenance = NO_PROVENANCE  # what the value measures (kind, per, normalize, groups, ...)
 
 
 def _describe(values: Mapping[str, Tensor]) -> str:
@@ -55,26 +144,39 @@ def combine(estimates: Sequence[Estimate]) -> Estimate:
     """Exact count-weighted combination: ``(Σ_b count_b · value_b) / Σ_b count_b``.
 
     For estimates normalised over samples or tokens this equals the estimate of the concatenated
-    batches. (Estimates with ``normalize="none"`` have count 1 each, so they are averaged.)
+    batches. (Estimates with ``normalize="none"`` have count 1 each, so they are averaged.) A part of
+    count 0 (an empty shard) contributes nothing.
+
+    Raises:
+        FisherError: no estimate, different names or shapes, provenances that do not mix (see the
+            module docstring), or a total count of 0.
+
     """
     if not estimates:
         raise FisherError("combine: expected at least one estimate, got none")
     first = estimates[0]
-    for other in estimates[1:]:
+    prov = first.provenance
+    for i, other in enumerate(estimates[1:], start=1):
         check_like("combine", first.value, other.value, "first estimate")
+        before = "estimate 0" if i == 1 else f"estimates 0 to {i - 1}"
+        prov = merge_provenance("combine", prov, other.provenance, (before, f"estimate {i}"))
     count = sum(e.count for e in estimates)
+    if int(count) == 0:
+        raise FisherError("combine: every estimate has count 0; there is nothing to average")
     value = {}
     for name, v in first.value.items():
         dtype = _acc_dtype(v)
         total = sum(e.value[name].to(dtype) * e.count.to(dtype) for e in estimates)
         value[name] = (total / count.to(dtype)).to(v.dtype)
-    return Estimate(value, count)
+    return Estimate(value, count, prov)
 
 
 def cast(estimate: Estimate, dtype: torch.dtype | None = None, device=None) -> Estimate:
-    """The estimate stored as ``dtype`` (e.g. bf16) and/or on ``device`` (e.g. ``"cpu"``)."""
+    """The estimate stored as ``dtype`` (e.g. bf16) and/or on ``device`` (e.g. ``"cpu"``); the provenance
+    (which records the accumulation dtype) is kept.
+    """
     value = {k: v.to(dtype=dtype or v.dtype, device=device or v.device) for k, v in estimate.value.items()}
-    return Estimate(value, estimate.count.to(device or estimate.count.device))
+    return Estimate(value, estimate.count.to(device or estimate.count.device), estimate.provenance)
 
 
 # --- EMA ---------------------------------------------------------------------------------------
@@ -85,11 +187,26 @@ class EMAState(NamedTuple):
     mean: Values  # m_k {name: tensor}, float32 (float64 if the estimate is)
     step: Tensor  # shape=(), int64: k, the number of updates
     decay: float  # β in (0, 1)
+    provenance: Provenance = NO_PROVENANCE  # of the estimates averaged
+
+
+def _provenance_of(like: Any) -> Provenance:
+    return like.provenance if isinstance(like, Estimate) else NO_PROVENANCE
+
+
+def _update_provenance(where: str, state: Any, estimate: Any) -> Provenance:
+    return merge_provenance(where, state.provenance, _provenance_of(estimate), ("the state", "the estimate"))
+
+
+def _check_counted(where: str, estimate: Any) -> None:
+    if isinstance(estimate, Estimate) and int(estimate.count) == 0:
+        raise FisherError(f"{where}: the estimate has count 0 (no data, e.g. an empty shard); its value is no "
+                          "estimate. Skip it, or reduce it with the other ranks' estimates first (all_reduce)")
 
 
 def ema_init(like: "Estimate | Mapping[str, Tensor]", decay: float = 0.99) -> EMAState:
     """``m_0 = 0``, step 0. ``like`` (an estimate or a ``{name: tensor}``) gives names, shapes,
-    devices only.
+    devices only, and an estimate's provenance: the state then accepts only estimates of that kind.
     """
     if isinstance(decay, Tensor) and decay.numel() == 1:
         decay = decay.item()
@@ -99,16 +216,24 @@ def ema_init(like: "Estimate | Mapping[str, Tensor]", decay: float = 0.99) -> EM
         raise FisherError(f"ema_init: decay must be in (0, 1), got {decay!r}")
     values = _names_shapes(like)
     mean = {k: torch.zeros(v.shape, dtype=_acc_dtype(v), device=v.device) for k, v in values.items()}
-    return EMAState(mean, torch.zeros((), dtype=torch.int64), float(decay))
+    return EMAState(mean, torch.zeros((), dtype=torch.int64), float(decay), _provenance_of(like))
 
 
 def ema_update(state: EMAState, estimate: "Estimate | Mapping[str, Tensor]") -> EMAState:
-    """``m_k = β m_{k−1} + (1 − β) F_k``; returns a new state."""
+    """``m_k = β m_{k−1} + (1 − β) F_k``; returns a new state.
+
+    Raises:
+        FisherError: other names or shapes than the state's, an estimate whose provenance does not mix
+            with the state's (another kind, per, normalize or group spec), or one of count 0.
+
+    """
     values = _names_shapes(estimate)
     check_like("ema_update", state.mean, values)
+    prov = _update_provenance("ema_update", state, estimate)
+    _check_counted("ema_update", estimate)
     beta = state.decay
     mean = {k: beta * m + (1.0 - beta) * values[k].to(m) for k, m in state.mean.items()}
-    return EMAState(mean, state.step + 1, beta)
+    return EMAState(mean, state.step + 1, beta, prov)
 
 
 def ema_value(state: EMAState, bias_corrected: bool = True) -> Values:
@@ -129,30 +254,38 @@ class SumState(NamedTuple):
 
     total: Values  # Σ_b count_b · value_b, float32 (float64 if the estimate is)
     count: Tensor  # shape=(), int64: Σ_b count_b
+    provenance: Provenance = NO_PROVENANCE  # of the estimates summed
 
 
 def sum_init(like: "Estimate | Mapping[str, Tensor]") -> SumState:
-    """Zero sums with the names and shapes of ``like``."""
+    """Zero sums with the names and shapes of ``like`` (and an estimate's provenance, as :func:`ema_init`)."""
     values = _names_shapes(like)
     total = {k: torch.zeros(v.shape, dtype=_acc_dtype(v), device=v.device) for k, v in values.items()}
-    return SumState(total, torch.zeros((), dtype=torch.int64))
+    return SumState(total, torch.zeros((), dtype=torch.int64), _provenance_of(like))
 
 
 def sum_update(state: SumState, estimate: Estimate) -> SumState:
-    """Add ``count · value`` and ``count``; returns a new state."""
+    """Add ``count · value`` and ``count``; returns a new state. An estimate of count 0 adds nothing.
+
+    Raises:
+        FisherError: not an :class:`Estimate`, other names or shapes than the state's, or a provenance
+            that does not mix with the state's.
+
+    """
     if not isinstance(estimate, Estimate):
         raise FisherError(f"sum_update: expected an Estimate (value and count), got {type(estimate).__name__}")
     check_like("sum_update", state.total, estimate.value)
+    prov = _update_provenance("sum_update", state, estimate)
     total = {k: t + estimate.value[k].to(t) * estimate.count.to(t) for k, t in state.total.items()}
-    return SumState(total, state.count + estimate.count.to(state.count.device))
+    return SumState(total, state.count + estimate.count.to(state.count.device), prov)
 
 
 def sum_value(state: SumState) -> Estimate:
-    """The exact average ``Σ sums / Σ counts`` as an :class:`Estimate`."""
+    """The exact average ``Σ sums / Σ counts`` as an :class:`Estimate` (with the state's provenance)."""
     if int(state.count) == 0:
         raise FisherError("sum_value: no estimate has been added yet (count 0)")
-    return Estimate({k: t / state.count.to(t) for k, t in state.total.items()}, state.count)
+    return Estimate({k: t / state.count.to(t) for k, t in state.total.items()}, state.count, state.provenance)
 
 
-__all__ = ["EMAState", "Estimate", "SumState", "cast", "combine", "ema_init", "ema_update", "ema_value",
-           "sum_init", "sum_update", "sum_value"]
+__all__ = ["EMAState", "Estimate", "Provenance", "SumState", "cast", "combine", "ema_init", "ema_update",
+           "ema_value", "sum_init", "sum_update", "sum_value"]
