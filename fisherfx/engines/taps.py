@@ -41,6 +41,7 @@ from .._tree import map_tensors, tensors
 from ..likelihoods import check_classes, check_shapes
 from ..problems import Prepared, Problem, forward_failure
 from . import _tap_checks as checks
+from . import _tap_kfac as kfac_taps
 from . import _tap_layers as layers
 from ._tap_estimators import Workspace, accumulate, group_reduce, make_plan, position_units
 from ._tap_layers import Use
@@ -52,18 +53,20 @@ class Request(NamedTuple):
 
     ``pattern=None``: the diagonal ``[*P]``; otherwise, with ``R`` the einops ``sum`` reduction by
     ``pattern`` and ``sizes``, the group sums ``R(diag)`` or, with ``mask=True``, the mask
-    importance ``Σ_u R(θ ⊙ G_u)²``.
+    importance ``Σ_u R(θ ⊙ G_u)²``. With ``factors`` (a :class:`._tap_kfac.FactorRequest`) instead:
+    the parameter's K-FAC factor sums (:class:`._tap_kfac.FactorSums`), or with a basis EKFAC's diagonal.
     """
 
     pattern: str | None = None
     sizes: Mapping[str, int] = {}  # never mutated (a NamedTuple default is shared); kept picklable
     mask: bool = False
+    factors: kfac_taps.FactorRequest | None = None
 
 
 class Result(NamedTuple):
     """Unnormalised sums for the parameters the taps serve, and why the others are not served."""
 
-    sums: dict[str, Tensor]
+    sums: dict[str, Tensor]  # a FactorSums for a factors request
     missing: dict[str, str]
     width: int | None = None  # C, the outputs per position, when the engine ran its forward (checked)
 
@@ -402,6 +405,7 @@ def estimate(
     dtype: torch.dtype,
     chunk_size: int | None = None,
     where: str = "taps",
+    split_positions: bool = False,
 ) -> Result:
     """Sums over units of the requested estimators, for the parameters the taps can serve.
 
@@ -419,6 +423,8 @@ def estimate(
         dtype: accumulation dtype.
         chunk_size: at most this many samples per chunk where per-sample tensors are formed.
         where: the public function, for error messages.
+        split_positions: each output vector becomes one vector per active position
+            (:class:`._tap_kfac.PositionSplit`) and units are samples: K-FAC's ``kind="exact"``.
 
     Returns:
         :class:`Result`: ``sums`` ``{name: [*P] or [G...]}``, not normalised and for ``mc`` not
@@ -429,16 +435,17 @@ def estimate(
 
     """
     n, t = prepared.active.shape
-    per_position = t > 1 and (per == "token" or kind == "exact") and int(prepared.active.sum(1).max()) > 1
+    per_position = (not split_positions and t > 1 and (per == "token" or kind == "exact")
+                    and int(prepared.active.sum(1).max()) > 1)
     cut = None if per_position else split_point(prepared)
     if cut is None:
         return _estimate(problem, params, prepared, requests, kind=kind, per_position=per_position, noise=noise,
-                         dtype=dtype, chunk_size=chunk_size, where=where)
+                         dtype=dtype, chunk_size=chunk_size, where=where, split_positions=split_positions)
     parts = [_estimate(problem, params, _part(prepared, lo, hi), requests, kind=kind, per_position=False,
                        noise=None if noise is None else noise[:, lo:hi], dtype=dtype, chunk_size=chunk_size,
-                       where=where, offset=lo) for lo, hi in ((0, cut), (cut, n))]
+                       where=where, offset=lo, split_positions=split_positions) for lo, hi in ((0, cut), (cut, n))]
     missing = {**parts[1].missing, **parts[0].missing}
-    sums = {name: parts[0].sums[name] + parts[1].sums[name] for name in requests
+    sums = {name: kfac_taps.add(parts[0].sums[name], parts[1].sums[name]) for name in requests
             if name in parts[0].sums and name in parts[1].sums}
     return Result(sums, {name: missing[name] for name in requests if name not in sums}, parts[0].width)
 
@@ -464,9 +471,24 @@ def _part(prepared: Prepared, lo: int, hi: int) -> Prepared:
     return Prepared(map_tensors(lambda x: x[lo:hi], prepared.inputs), prepared.targets[lo:hi], prepared.active[lo:hi])
 
 
+def _plan(uses: list[Use], request: Request, param: Tensor, dtype: torch.dtype, active: Tensor) -> tuple:
+    """The accumulation plan of one parameter: K-FAC factors (:mod:`._tap_kfac`) or the estimators of
+    :mod:`._tap_estimators`.
+    """
+    if request.factors is not None:
+        return kfac_taps.make_plan(uses, request.factors, dtype, active)
+    return make_plan(uses, request, param, dtype)
+
+
+def _accumulate(uses: list[Use], plan: Any, dtype: torch.dtype, cap: int | None, ws: Workspace) -> Tensor:
+    if isinstance(plan, kfac_taps.FactorPlan):
+        return kfac_taps.accumulate(uses, plan, dtype, cap, ws)
+    return accumulate(uses, plan, dtype, cap, ws)
+
+
 def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request], *,
               kind: Kind, per_position: bool, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None,
-              where: str, offset: int = 0) -> Result:
+              where: str, offset: int = 0, split_positions: bool = False) -> Result:
     """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages); with
     ``per_position`` each active position is a unit of its own.
     """
@@ -491,6 +513,8 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
         run = _Run(outputs, tape, leaves, k, n, dtype)
         todo, zero = run.covered(order, missing)  # first: it lets go of the layer outputs autograd does not keep
         vectors = output_vectors(problem, outputs, prepared, kind, noise)
+        if split_positions:
+            vectors = kfac_taps.PositionSplit(vectors, active)
         draws = vectors.shape[0]
         tol = checks.tolerance(outputs.dtype)
         check = {i for i, c in enumerate(run.calls)
@@ -508,8 +532,8 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                     missing.setdefault(name, NO_SAMPLES)
                     continue
                 if name not in plans:
-                    plans[name] = make_plan([made[name]], requests[name], params[name], dtype)
-                part = accumulate([made[name]], plans[name][0], dtype, cap, ws)
+                    plans[name] = _plan([made[name]], requests[name], params[name], dtype, active)
+                part = _accumulate([made[name]], plans[name][0], dtype, cap, ws)
                 sums[name] = part if name not in sums else sums[name] + part
             if run.final:  # the call's tensors are not needed again: autograd may free them as it goes
                 call.x = call.y = call.x_graph = None
@@ -523,7 +547,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
             if any(i in check and not probes.get(i, (False,))[0] for i, _ in found.get(name, [])):
                 missing.setdefault(name, MIXING if per_position else NO_SAMPLES)
         todo = [name for name in todo if name not in missing]
-        plans.update({name: make_plan([u for _, u in found[name]], requests[name], params[name], dtype)
+        plans.update({name: _plan([u for _, u in found[name]], requests[name], params[name], dtype, active)
                       for name in todo if name not in streamed})
         calls_of = {name: [i for i, _ in found.get(name, [])] for name in todo}
         for r in range(draws):
@@ -542,7 +566,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                 if per_position:
                     use_list = position_units(use_list, [probes[i] for i, _ in found.get(name, [])], t)
                 if use_list:
-                    part = accumulate(use_list, plans[name][0], dtype, cap, ws)
+                    part = _accumulate(use_list, plans[name][0], dtype, cap, ws)
                     sums[name] = part if name not in sums else sums[name] + part
             found = {}
     out = {}

@@ -1,0 +1,265 @@
+"""Kronecker factors from tap factors: K-FAC's ``A`` and ``G`` from the same ``x``, ``g`` and masks
+as the diagonal.
+
+One call of a layer gives, per position ``p`` of sample ``n``, its input ``x_{n,p}`` (patches for a
+convolution, a one-hot row for an Embedding) and the output gradient ``g_{n,p}`` of the backward's
+output vector (:mod:`._tap_layers`). With ``x̃ = [x, 1]`` when the layer's bias joins its weight and
+``m_{n,p} ∈ {0, 1}`` the mask of counted positions, the sums returned for one parameter are
+
+=======  ======================================  ===========================================
+mode     ``A`` (once, from the inputs)           ``G`` (per output vector ``r``)
+=======  ======================================  ===========================================
+expand   ``Σ_{n,p} m x̃ x̃ᵀ``, count ``Σ m``       ``Σ_{n,p} m g gᵀ``
+reduce   ``Σ_n x̄_n x̄_nᵀ``, ``x̄_n`` the mean of   ``Σ_n ĝ_n ĝ_nᵀ``, ``ĝ_n = Σ_p m g``
+         ``x̃`` over the counted positions,
+         count: samples with one
+=======  ======================================  ===========================================
+
+summed over every call of the parameter (a module called twice, a weight tied between modules of
+one kind: the calls are more positions of the weight-sharing axis). An Embedding's ``A`` is the
+diagonal of token counts (its positions are separate look-ups: expand in either mode). The mask:
+for a layer with as many positions as the targets (``P = T > 1``) position ``p`` counts when target
+``p`` is active; otherwise all positions of a sample with an active target count.
+
+With ``basis = (Q_A, Q_G)`` (EKFAC) the sum is instead the diagonal of the per-unit gradients in
+that eigenbasis, ``Σ_u (Q_Gᵀ G_u Q_A)²`` with ``G_u = Σ_p g x̃ᵀ`` (no mask: the gradient itself),
+through the diagonal estimator of :mod:`._tap_estimators` on rotated inputs and gradients.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._tap_estimators import BUDGET, Plan, Workspace
+from ._tap_estimators import accumulate as accumulate_diag
+from ._tap_layers import Use
+
+MODES = ("expand", "reduce")
+
+
+class FactorRequest(NamedTuple):
+    """K-FAC factors of one weight (or of a bias alone), for :class:`~.taps.Request`'s ``factors``.
+
+    ``ones``: the inputs get a last entry of ones (the layer's bias joins its weight, or a bias alone);
+    ``transposed``: the rows of the parameter's 2-D layout are the input side (HF ``Conv1D`` ``[i, o]``,
+    ``Embedding`` ``[V, d]``); ``basis``: ``(Q_A or None, Q_G)`` for EKFAC's diagonal in that basis
+    (``None``: ``A`` is diagonal, its basis the identity).
+    """
+
+    mode: str = "expand"
+    ones: bool = False
+    transposed: bool = False
+    basis: tuple[Tensor | None, Tensor] | None = None
+
+
+class FactorSums(NamedTuple):
+    """Unnormalised factor sums of one parameter (see the module docstring)."""
+
+    A: Tensor  # [i, i] (i counts the ones entry), or [V] token counts for an Embedding
+    a_count: Tensor  # shape=(), int64: the rows A sums over
+    G: Tensor  # [o, o], summed over output vectors (not divided by their number)
+
+
+class FactorPlan(NamedTuple):
+    """What :func:`accumulate` adds per output vector, with ``A`` already summed."""
+
+    request: FactorRequest
+    mask: Callable[[int], Tensor]  # P -> [N, P] float mask of counted positions
+    A: Tensor | None
+    a_count: Tensor | None
+
+
+def add(a: "Tensor | FactorSums", b: "Tensor | FactorSums") -> "Tensor | FactorSums":
+    """The sum of two partial results of one parameter (tensors, or factor sums)."""
+    if isinstance(a, FactorSums) and isinstance(b, FactorSums):
+        return FactorSums(a.A + b.A, a.a_count + b.a_count, a.G + b.G)
+    if isinstance(a, FactorSums) or isinstance(b, FactorSums):  # a part whose parameter was unused: zeros
+        return a if isinstance(a, FactorSums) else b
+    return a + b
+
+
+def _masker(active: Tensor) -> Callable[[int], Tensor]:
+    n, t = active.shape
+    per_sample = active.any(1)
+
+    def mask(p: int) -> Tensor:
+        if p == t and t > 1:
+            return active.float()
+        return per_sample[:, None].expand(n, p).float()
+
+    return mask
+
+
+def _sides(u: Use, transposed: bool, lo: int, hi: int) -> tuple[Tensor | None, Tensor]:
+    """``(x [c, P, i] or None, g [c, P, o])`` of units ``lo:hi``; ``x`` is the index ``[c, P]`` for index uses."""
+    if u.form == "vector":
+        return None, u.a[lo:hi]
+    if u.form == "index":
+        return u.a[lo:hi], u.b(lo, hi)
+    if transposed:
+        return u.a[lo:hi], u.b(lo, hi)
+    return u.b(lo, hi), u.a[lo:hi]
+
+
+def _with_ones(x: Tensor | None, g: Tensor, ones: bool, dtype: torch.dtype) -> Tensor:
+    """``x̃ = [x, 1]`` (or ``x``) in ``dtype``; a vector use (no ``x``) gives ``[c, P, 1]`` ones."""
+    shape = (*g.shape[:2], 0)
+    x = g.new_zeros(shape, dtype=dtype) if x is None else x.to(dtype)
+    if ones:
+        x = torch.cat([x, x.new_ones((*x.shape[:2], 1))], -1)
+    return x
+
+
+def _step(units: int, per_unit: int) -> int:
+    return max(1, min(units, BUDGET // max(per_unit, 1)))
+
+
+def _input_sums(uses: list[Use], request: FactorRequest, mask: Callable[[int], Tensor],
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(Σ A rows, rows)`` over all uses of the parameter (see the module docstring)."""
+    units = uses[0].a.shape[0]
+    if uses[0].form == "index":  # Embedding: token counts of the counted positions (padding_idx: -1, no row)
+        size = uses[0].size[0]
+        counts = torch.zeros(size, dtype=dtype, device=uses[0].a.device)
+        rows = torch.zeros((), dtype=torch.int64)
+        for u in uses:
+            m = mask(u.a.shape[1])
+            keep = (u.a >= 0) & (m > 0)
+            counts.index_add_(0, u.a[keep], m[keep].to(dtype))
+            rows += int(m.sum())
+        return counts, rows
+    reduce = request.mode == "reduce"
+    total = None
+    mean_sum, weight = [], []  # reduce: per-sample sums of x̃ and counted positions, over uses
+    rows = torch.zeros((), dtype=torch.int64)
+    for u in uses:
+        p = u.a.shape[1]
+        m = mask(p)
+        step = _step(units, p * (sum(u.size) + 1))
+        sums = []
+        for lo in range(0, units, step):
+            hi = min(lo + step, units)
+            x, g = _sides(u, request.transposed, lo, hi)
+            x = _with_ones(x, g, request.ones, dtype) * m[lo:hi, :, None].to(dtype)
+            if reduce:
+                sums.append(x.sum(1))
+            else:
+                flat = x.reshape(-1, x.shape[-1])
+                part = flat.T @ flat
+                total = part if total is None else total + part
+        if reduce:
+            mean_sum.append(torch.cat(sums))
+            weight.append(m.sum(1))
+        else:
+            rows += int(m.sum())
+    if not reduce:
+        return total, rows
+    s, w = sum(mean_sum), sum(weight).to(dtype)  # [N, i], [N]
+    keep = w > 0
+    xbar = s[keep] / w[keep, None]
+    return xbar.T @ xbar, torch.tensor(int(keep.sum()), dtype=torch.int64)
+
+
+def make_plan(uses: list[Use], request: FactorRequest, dtype: torch.dtype,
+              active: Tensor) -> tuple[FactorPlan, Callable]:
+    """The factor accumulation of one parameter and its post-processing; sums ``A`` now (from the inputs).
+
+    Args:
+        uses: the parameter's uses in the first backward (every call of it).
+        request: what to accumulate.
+        dtype: accumulation dtype.
+        active: ``[N, T]`` the batch's active positions.
+
+    Returns:
+        ``(plan, post)``: ``post`` turns the summed result of :func:`accumulate` into :class:`FactorSums`
+        (or, with a basis, leaves the ``[rows, cols]`` diagonal sums as they are).
+
+    """
+    mask = _masker(active)
+    if request.basis is not None:
+        return FactorPlan(request, mask, None, None), lambda d: d
+    forms = {u.form for u in uses}
+    if len(forms) > 1:
+        raise RuntimeError(f"tap engine invariant broken: K-FAC factors of uses of forms {sorted(forms)} (please "
+                           "report)")
+    a, rows = _input_sums(uses, request, mask, dtype)
+
+    def post(g: Tensor) -> FactorSums:
+        if g.ndim == 0:  # no output vector reached the parameter: G = 0
+            o = uses[0].size[1] if request.transposed or uses[0].form == "index" else uses[0].size[0]
+            g = torch.zeros((o, o), dtype=dtype, device=a.device)
+        return FactorSums(a, rows, g)
+
+    return FactorPlan(request, mask, a, rows), post
+
+
+def _rotated(u: Use, request: FactorRequest, dtype: torch.dtype) -> Use:
+    """``u`` with inputs ``x̃ Q_A`` and gradients ``g Q_G``: its per-unit gradient becomes ``Q_Gᵀ G_u Q_A``
+    (transposed layouts: ``Q_Aᵀ G_u Q_G``).
+    """
+    qa, qg = request.basis
+    qa = None if qa is None else qa.to(dtype)
+    qg = qg.to(dtype)
+    if u.form == "index":  # A diagonal: its eigenbasis is the identity
+        return Use("index", u.a, lambda lo, hi: u.b(lo, hi).to(dtype) @ qg, u.size)
+    n = u.a.shape[0]
+
+    def x_of(lo: int, hi: int) -> Tensor:
+        x, g = _sides(u, request.transposed, lo, hi)
+        return _with_ones(x, g, request.ones, dtype) @ qa
+
+    g = _sides(u, request.transposed, 0, n)[1].to(dtype) @ qg
+    i = qa.shape[0]
+    if request.transposed:
+        x = x_of(0, n)
+        return Use("outer", x, lambda lo, hi: g[lo:hi], (i, g.shape[-1]))
+    return Use("outer", g, x_of, (g.shape[-1], i))
+
+
+def accumulate(uses: list[Use], plan: FactorPlan, dtype: torch.dtype, cap: int | None, ws: Workspace | None) -> Tensor:
+    """One output vector's part: ``Σ g gᵀ`` (expand) or ``Σ_n ĝ ĝᵀ`` (reduce) ``[o, o]``; with a basis, the
+    diagonal sums ``Σ_u (Q_Gᵀ G_u Q_A)²`` in the parameter's (joint) 2-D layout.
+    """
+    request = plan.request
+    if request.basis is not None:
+        return accumulate_diag([_rotated(u, request, dtype) for u in uses], Plan("diag"), dtype, cap, ws)
+    units = uses[0].a.shape[0]
+    reduce = request.mode == "reduce" and uses[0].form != "index"
+    total, summed = None, None
+    for u in uses:
+        g = _sides(u, request.transposed, 0, units)[1].to(dtype)
+        g = g * plan.mask(g.shape[1])[..., None].to(dtype)
+        if reduce:
+            summed = g.sum(1) if summed is None else summed + g.sum(1)
+            continue
+        flat = g.reshape(-1, g.shape[-1])
+        part = flat.T @ flat
+        total = part if total is None else total + part
+    return summed.T @ summed if reduce else total
+
+
+class PositionSplit:
+    """Output vectors ``[R, N, T, C]`` split into one vector per (active) position: ``R·T`` vectors
+    ``[N, T, C]``, vector ``(r, t)`` equal to vector ``r`` at position ``t`` and zero elsewhere, formed
+    one at a time (``.shape[0]`` and indexing are all the engine reads).
+
+    For ``kind="exact"`` this makes K-FAC's ``G`` (and any square of pull-backs) the expectation over
+    labels drawn independently per position, with no cross-position terms, for layers that mix positions too.
+    """
+
+    def __init__(self, vectors: Tensor, active: Tensor):
+        self.vectors = vectors
+        self.slots = [(r, t) for t in range(active.shape[1]) if bool(active[:, t].any())
+                      for r in range(vectors.shape[0])]
+        self.shape = (len(self.slots),)
+
+    def __getitem__(self, j: int) -> Tensor:
+        r, t = self.slots[j]
+        out = torch.zeros_like(self.vectors[r])
+        out[:, t] = self.vectors[r, :, t]
+        return out
+
+
+__all__ = ["MODES", "FactorPlan", "FactorRequest", "FactorSums", "PositionSplit", "accumulate", "add", "make_plan"]
