@@ -204,29 +204,46 @@ def percolation_curves(records: Sequence[Any], y: str = "kl_mean", title: str | 
         raise FisherError(f"{where}: records must be a non-empty list of SweepRecord values")
     std = y.replace("_mean", "_std")
     fig, (left, right) = _figure(where, figsize, ncols=2)
-    selects = list(dict.fromkeys(r.select for r in records))
-    for s in selects:
-        mine = [r for r in records if r.select == s]
-        left.errorbar([r.risk for r in mine], [getattr(r, y) for r in mine], yerr=[getattr(r, std) for r in mine],
-                      fmt="o", markersize=4, capsize=2, color=_COLOURS.get(s), label=s)
-        for eps in dict.fromkeys(r.epsilon for r in mine):
-            line = sorted((r for r in mine if r.epsilon == eps), key=lambda r: r.concentration)
-            right.errorbar([r.concentration for r in line], [getattr(r, y) for r in line],
-                           yerr=[getattr(r, std) for r in line], marker="o", markersize=3, capsize=2,
-                           color=_COLOURS.get(s), alpha=0.9, label=f"{s}, ε={eps:g}")
     positive = [v for r in records for v in (r.risk, getattr(r, y)) if v > 0]
-    if positive:
+    log = bool(positive)  # log axes; points at or below zero (e.g. a bottom selection's risk 0) are left out
+
+    def bars(rs: list) -> list[list[float]]:  # std bars, the lower one kept above zero on a log axis
+        up = [getattr(r, std) for r in rs]
+        down = [min(e, 0.999 * getattr(r, y)) if log else e for e, r in zip(up, rs)]
+        return [down, up]
+
+    omitted = 0
+    for s in dict.fromkeys(r.select for r in records):
+        mine = [r for r in records if r.select == s]
+        shown = [r for r in mine if r.risk > 0 and getattr(r, y) > 0] if log else mine
+        omitted += len(mine) - len(shown)
+        left.errorbar([r.risk for r in shown], [getattr(r, y) for r in shown], yerr=bars(shown), fmt="o",
+                      markersize=4, capsize=2, color=_COLOURS.get(s), label=s)
+        for eps in dict.fromkeys(r.epsilon for r in mine):
+            line = sorted((r for r in mine if r.epsilon == eps and (getattr(r, y) > 0 or not log)),
+                          key=lambda r: r.concentration)
+            right.errorbar([r.concentration for r in line], [getattr(r, y) for r in line], yerr=bars(line),
+                           marker="o", markersize=3, capsize=2, color=_COLOURS.get(s), alpha=0.9,
+                           label=f"{s}, ε={eps:g}")
+    if log:
         lo, hi = min(positive), max(positive)
         left.plot([lo, hi], [lo, hi], "k--", linewidth=0.8, label="damage = risk")
-        if all(r.risk > 0 for r in records) and all(getattr(r, y) > 0 for r in records):
-            left.set_xscale("log")
-            left.set_yscale("log")
-            right.set_yscale("log")
+        for ax in (left, right):
+            ax.set_yscale("log")
+        left.set_xscale("log")
+        if omitted:
+            left.text(0.02, 0.98, f"{omitted} settings with risk or damage ≤ 0 not shown", transform=left.transAxes,
+                      ha="left", va="top", fontsize=7)
     name = "KL(p_θ ‖ p_θ+δ)" if y == "kl_mean" else "loss increase"
     left.set_xlabel("predicted risk ½ δᵀFδ")
     left.set_ylabel(f"measured {name}")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="lower right")
+    from matplotlib.ticker import NullFormatter
+
+    cs = sorted({r.concentration for r in records})
     right.set_xscale("log")
+    right.set_xticks(cs, [f"{c:g}" for c in cs])
+    right.xaxis.set_minor_formatter(NullFormatter())
     right.set_xlabel("concentration C (fraction of groups)")
     right.set_ylabel(f"measured {name}")
     right.legend(fontsize=7)
