@@ -95,7 +95,7 @@ def _empty(params: Mapping[str, Tensor], groups: dict | None, options: dict[str,
     zeros = {k: torch.zeros(p.shape, dtype=dtype, device=p.device) for k, p in params.items()}
     value = zeros if groups is None else reduce_groups(zeros, groups)
     made = provenance("diagonal" if groups is None else "group", kind=o["kind"], per=o["per"],
-                      normalize=o["normalize"], n_samples=o["n_samples"], dtype=dtype, groups=groups)
+                      normalize=o["normalize"], n_samples=o["n_samples"], dtype=dtype, groups=groups, params=params)
     return Estimate(value, torch.zeros((), dtype=torch.int64), made)
 
 

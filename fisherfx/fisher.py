@@ -234,7 +234,7 @@ def _estimate(where: str, problem: Problem, params: Mapping[str, Tensor], batch:
     sums = _engines(where, problem, params, b, request, make_reduce(dtype, params), kind=kind, per=per,
                     engine=engine, dtype=dtype, chunk_size=chunk_size, names=names)
     made = provenance(quantity, kind=kind, per=per, normalize=normalize, n_samples=n_samples, dtype=dtype,
-                      groups=groups)
+                      groups=groups, params=params)
     return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, storage_dtype, device, made)
 
 

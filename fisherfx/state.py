@@ -26,9 +26,6 @@ Values = dict[str, Tensor]
 UNKNOWN = "unknown"  # a provenance field nobody recorded: compatible with any value
 MIXED = "mixed"  # a recorded-only field (n_samples, dtype) on which combined parts differ
 
-QUANTITIES = ("diagonal", "group", "mask_importance")
-
-
 class Provenance(NamedTuple):
     """What an estimate measures and how: the options of the estimator that made it.
 
@@ -36,8 +33,9 @@ class Provenance(NamedTuple):
     (:func:`~fisherfx.group_fisher`) or ``"mask_importance"``; ``kind``, ``per``, ``normalize`` and
     ``n_samples`` are the estimator's options (``n_samples`` is 1 unless ``kind="mc"``), ``dtype``
     the accumulation dtype's name (``"float32"``); ``groups`` the group spec ``{name: Group}`` of a
-    group or mask-importance estimate, ``None`` for per-entry values. Every field defaults to
-    ``"unknown"``.
+    group or mask-importance estimate, ``None`` for per-entry values; ``shapes`` the shapes
+    ``{name: (sizes)}`` of the parameters grouped (a group value alone does not tell them), ``None``
+    for per-entry values (shaped like their parameters). Every field defaults to ``"unknown"``.
     """
 
     quantity: str = UNKNOWN
@@ -47,18 +45,23 @@ class Provenance(NamedTuple):
     n_samples: int | str = UNKNOWN
     dtype: str = UNKNOWN
     groups: "Mapping[str, Group] | None | str" = UNKNOWN  # never mutated (a NamedTuple default is shared)
+    shapes: "Mapping[str, tuple[int, ...]] | None | str" = UNKNOWN
 
 
 NO_PROVENANCE = Provenance()
-_CHECKED = ("quantity", "kind", "per", "normalize")  # then groups; n_samples and dtype are recorded only
+_CHECKED = ("quantity", "kind", "per", "normalize")  # then groups, shapes; n_samples and dtype are recorded only
 
 
 def provenance(quantity: str, *, kind: str, per: str, normalize: str, n_samples: int, dtype: torch.dtype,
-               groups: "Mapping[str, Group | str] | None" = None) -> Provenance:
-    """The provenance of an estimator's result, in canonical form (dtype by name, groups as :class:`Group`)."""
+               groups: "Mapping[str, Group | str] | None" = None,
+               params: Mapping[str, Tensor] | None = None) -> Provenance:
+    """The provenance of an estimator's result, in canonical form (dtype by name, groups as :class:`Group`);
+    ``params`` gives the shapes of the grouped parameters.
+    """
     spec = None if groups is None else {name: as_group(g) for name, g in groups.items()}
+    shapes = None if groups is None else {name: tuple(params[name].shape) for name in groups} if params else UNKNOWN
     return Provenance(quantity, kind, per, normalize, int(n_samples) if kind == "mc" else 1,
-                      str(dtype).removeprefix("torch."), spec)
+                      str(dtype).removeprefix("torch."), spec, shapes)
 
 
 def _spec(groups: Any) -> Any:
@@ -94,6 +97,12 @@ def merge_provenance(where: str, have: Provenance, got: Provenance, what: tuple[
         raise FisherError(f"{where}: cannot mix estimates of different group specs: for {name!r}, {what[0]}: "
                           f"{show[0]}; {what[1]}: {show[1]}")
     out["groups"] = gb if isinstance(ga, str) else ga
+    sa, sb = have.shapes, got.shapes
+    if isinstance(sa, Mapping) and isinstance(sb, Mapping) and sa != sb:
+        name = next(k for k in sorted({*sa, *sb}) if sa.get(k) != sb.get(k))
+        raise FisherError(f"{where}: cannot mix estimates of parameters of different shapes: {name!r} has shape "
+                          f"{sa.get(name)} in {what[0]}, {sb.get(name)} in {what[1]}")
+    out["shapes"] = sb if isinstance(sa, str) else sa
     for field in ("n_samples", "dtype"):
         a, b = getattr(have, field), getattr(got, field)
         out[field] = b if a == UNKNOWN else a if b in (UNKNOWN, a) else MIXED

@@ -281,4 +281,4 @@ def test_provenance_of_a_collected_group_estimate():
     spec = {"0.weight": "o i -> o"}
     got = collect(problem, params, batches, groups=spec, per="token", normalize="tokens")
     assert got.fisher.provenance == Provenance("group", "empirical", "token", "tokens", 1, "float32",
-                                               {"0.weight": ffx.Group("o i -> o")})
+                                               {"0.weight": ffx.Group("o i -> o")}, {"0.weight": (4, 3)})

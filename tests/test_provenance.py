@@ -11,7 +11,7 @@ from tests.strategies import BITWISE, SAME_MATH_F64, build, randint, randn
 
 F64 = torch.float64
 CHANNELS = {"w": ffx.Group("o i -> o"), "b": ffx.Group("o -> o")}
-DIAG = Provenance("diagonal", "empirical", "sample", "samples", 1, "float64", None)
+DIAG = Provenance("diagonal", "empirical", "sample", "samples", 1, "float64", None, None)
 
 
 def estimate(seed: int, count: int = 3, provenance: Provenance = DIAG, grouped: bool = False) -> ffx.Estimate:
@@ -62,7 +62,8 @@ def test_diag_fisher_records_its_options(tiny, kind, per, normalize):
     problem, params, batch = tiny
     est = ffx.diag_fisher(problem, params, batch, kind=kind, per=per, normalize=normalize, n_samples=3,
                           generator=torch.Generator().manual_seed(0), dtype=F64)
-    assert est.provenance == Provenance("diagonal", kind, per, normalize, 3 if kind == "mc" else 1, "float64", None)
+    assert est.provenance == Provenance("diagonal", kind, per, normalize, 3 if kind == "mc" else 1, "float64", None,
+                                        None)
 
 
 def test_group_estimates_record_their_spec(tiny):
@@ -71,8 +72,9 @@ def test_group_estimates_record_their_spec(tiny):
     grouped = ffx.group_fisher(problem, params, batch, spec)
     masked = ffx.mask_importance(problem, params, batch, spec, kind="mc", generator=torch.Generator().manual_seed(1))
     want = {"0.weight": ffx.Group("o i -> o"), "2.weight": ffx.Group("o i -> i")}
-    assert grouped.provenance == Provenance("group", "empirical", "sample", "samples", 1, "float32", want)
-    assert masked.provenance == Provenance("mask_importance", "mc", "sample", "samples", 1, "float32", want)
+    shapes = {"0.weight": (4, 3), "2.weight": (2, 4)}
+    assert grouped.provenance == Provenance("group", "empirical", "sample", "samples", 1, "float32", want, shapes)
+    assert masked.provenance == Provenance("mask_importance", "mc", "sample", "samples", 1, "float32", want, shapes)
 
 
 def test_storage_dtype_keeps_the_accumulation_dtype_in_the_provenance(tiny):
@@ -123,7 +125,7 @@ def test_unknown_fields_are_filled_one_by_one():
     partial = Provenance(kind="mc", groups=None)
     other = Provenance(quantity="diagonal", normalize="tokens", n_samples=4)
     assert merge_provenance("test", partial, other) == Provenance("diagonal", "mc", "unknown", "tokens", 4,
-                                                                  "unknown", None)
+                                                                  "unknown", None, "unknown")
 
 
 @pytest.mark.parametrize(("field", "value"), [("n_samples", 8), ("dtype", "float32")])
@@ -147,7 +149,7 @@ def test_string_and_group_specs_are_the_same_spec():
 
 # --- what is refused ------------------------------------------------------------------------------------
 
-GROUP = DIAG._replace(quantity="group", groups=CHANNELS)
+GROUP = DIAG._replace(quantity="group", groups=CHANNELS, shapes={"w": (2, 3), "b": (2,)})
 CONFLICTS = [
     ("kind", DIAG, DIAG._replace(kind="mc"), r"different kind: .*: kind='empirical'; .*: kind='mc'$"),
     ("per", DIAG, DIAG._replace(per="token"), r"different per: .*: per='sample'; .*: per='token'$"),
@@ -160,8 +162,10 @@ CONFLICTS = [
     ("sizes", GROUP._replace(groups={**CHANNELS, "w": ffx.Group("(h d) i -> h", {"h": 2})}),
      GROUP._replace(groups={**CHANNELS, "w": ffx.Group("(h d) i -> h", {"h": 1})}),
      r"for 'w', .*: '\(h d\) i -> h' with \{'h': 2\}; .*: '\(h d\) i -> h' with \{'h': 1\}$"),
-    ("per-entry", GROUP, GROUP._replace(groups=None),
+    ("per-entry", GROUP, GROUP._replace(groups=None, shapes=None),
      r"group values and per-entry values: .*: a group spec; .*: groups=None$"),
+    ("shapes", GROUP, GROUP._replace(shapes={"w": (2, 5), "b": (2,)}),
+     r"of parameters of different shapes: 'w' has shape \(2, 3\) in .*, \(2, 5\) in .*$"),
 ]
 
 

@@ -1,0 +1,414 @@
+"""Fisher files: safetensors for the tensors, a JSON header for what they are; atomic writes.
+
+A file holds one :class:`~fisherfx.Estimate`, :class:`~fisherfx.EMAState` or :class:`~fisherfx.SumState`,
+or a ``{task: state}`` dict of them. Any safetensors reader sees the tensors under flat keys:
+
+* ``"<param>"`` for per-entry values (a diagonal: a file that reads like a state dict),
+* ``"<param>|<group axes>"`` for group values, e.g. ``"h.0.attn.c_attn.weight|h"`` (heads) or
+  ``"fc.weight|o"`` (output channels); axes joined by ``","`` (``"three,h"``), ``""`` for a whole tensor,
+* prefixed with ``"<task>/"`` in a dict file.
+
+The safetensors metadata holds ``"format": "fisherfx"``, the header as JSON under ``"fisherfx"`` and
+its CRC-32 under ``"fisherfx_crc32"``. The header: ``format_version``, ``type``, ``fisherfx_version``,
+``torch_version``, the user's ``metadata``, and per state its ``provenance``, ``count`` (or ``decay`` and
+``step``), ``params`` (``{name: {"key", "shape"}}``: names and value shapes) and ``tensors``
+(``{key: {"shape", "dtype", "crc32"}}``), so that a truncated or corrupted file is refused, never read.
+
+Writes are atomic: the file is written under a temporary name in the same folder, flushed to disk
+(``fsync``), renamed over the target (``os.replace``) and the folder synced. A writer killed at any
+moment leaves the previous file as it was (and at worst a ``.<name>.<random>.tmp`` file beside it).
+
+**Extension point.** Each storable type is a :class:`Codec` in :data:`CODECS`: its ``name`` (the
+header's ``type``), the Python ``type``, ``encode(obj) -> (tensors by key, JSON-able fields)``,
+``decode(tensors, fields) -> obj`` and ``differences(obj, params, partial) -> [messages]`` for
+``load(params=...)``. A new type (K-FAC factors) adds its codec to :data:`CODECS`; its NamedTuple should
+live where this module can import it without an engine (as ``state`` does), and its keys should follow
+the ones above (``"<layer>|A"``, ``"<layer>|G"``, say).
+"""
+
+import contextlib
+import json
+import os
+import secrets
+import sys
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._errors import FisherError
+from .groups import Group, as_group, check_groups, some_names
+from .state import UNKNOWN, EMAState, Estimate, Provenance, SumState
+
+FORMAT = "fisherfx"
+FORMAT_VERSION = 1
+State = Estimate | EMAState | SumState
+
+
+class Codec(NamedTuple):
+    """How one type is stored: see the module docstring."""
+
+    name: str
+    type: type
+    encode: Callable[[Any], tuple[dict[str, Tensor], dict[str, Any]]]
+    decode: Callable[[dict[str, Tensor], dict[str, Any]], Any]
+    differences: Callable[[Any, Mapping[str, Tensor], bool], list[str]]
+
+
+# --- provenance as JSON ---------------------------------------------------------------------------
+
+def provenance_to_json(p: Provenance) -> dict[str, Any]:
+    """``Provenance`` as a JSON-able dict (groups as ``{name: {"pattern", "sizes"}}``)."""
+    out = p._asdict()
+    if isinstance(p.shapes, Mapping):
+        out["shapes"] = {k: list(v) for k, v in p.shapes.items()}
+    if isinstance(p.groups, Mapping):
+        out["groups"] = {k: {"pattern": g.pattern, "sizes": dict(g.sizes)} for k, g in
+                         ((k, as_group(g)) for k, g in p.groups.items())}
+    return out
+
+
+def provenance_from_json(d: Mapping[str, Any]) -> Provenance:
+    """Inverse of :func:`provenance_to_json`; unknown fields are ignored, missing ones are ``"unknown"``."""
+    fields = {k: d[k] for k in Provenance._fields if k in d}
+    groups, shapes = fields.get("groups", UNKNOWN), fields.get("shapes", UNKNOWN)
+    if isinstance(groups, Mapping):
+        fields["groups"] = {k: Group(g["pattern"], dict(g.get("sizes", {}))) for k, g in groups.items()}
+    if isinstance(shapes, Mapping):
+        fields["shapes"] = {k: tuple(v) for k, v in shapes.items()}
+    return Provenance(**fields)
+
+
+# --- the three states --------------------------------------------------------------------------------
+
+def _suffix(provenance: Provenance, name: str) -> str:
+    groups = provenance.groups
+    if not isinstance(groups, Mapping) or name not in groups:
+        return ""
+    return "|" + ",".join(as_group(groups[name]).pattern.split("->")[-1].split())
+
+
+def _values_codec(name: str, type_: type, field: str, scalars: Callable[[Any], dict[str, Any]],
+                  build: Callable[[dict[str, Tensor], dict[str, Any], Provenance], Any]) -> Codec:
+    """The codec of a state with one ``{param: tensor}`` field and a few scalars."""
+
+    def encode(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        values = getattr(obj, field)
+        keys = {k: k + _suffix(obj.provenance, k) for k in values}
+        fields = {"provenance": provenance_to_json(obj.provenance), **scalars(obj),
+                  "params": {k: {"key": keys[k], "shape": list(v.shape)} for k, v in values.items()}}
+        return {keys[k]: v for k, v in values.items()}, fields
+
+    def decode(tensors: dict[str, Tensor], fields: dict[str, Any]) -> Any:
+        values = {k: tensors[p["key"]] for k, p in fields["params"].items()}
+        return build(values, fields, provenance_from_json(fields["provenance"]))
+
+    def differences(obj: Any, params: Mapping[str, Tensor], partial: bool) -> list[str]:
+        return _differences(getattr(obj, field), obj.provenance, params, partial)
+
+    return Codec(name, type_, encode, decode, differences)
+
+
+def _count(fields: dict[str, Any]) -> Tensor:
+    return torch.tensor(int(fields["count"]), dtype=torch.int64)
+
+
+CODECS: list[Codec] = [
+    _values_codec("Estimate", Estimate, "value", lambda e: {"count": int(e.count)},
+                  lambda v, f, p: Estimate(v, _count(f), p)),
+    _values_codec("EMAState", EMAState, "mean", lambda s: {"decay": float(s.decay), "step": int(s.step)},
+                  lambda v, f, p: EMAState(v, torch.tensor(int(f["step"]), dtype=torch.int64), float(f["decay"]), p)),
+    _values_codec("SumState", SumState, "total", lambda s: {"count": int(s.count)},
+                  lambda v, f, p: SumState(v, _count(f), p)),
+]
+
+
+def _codec_of(obj: Any) -> Codec | None:
+    return next((c for c in CODECS if type(obj) is c.type), None)
+
+
+def _codec_named(name: Any) -> Codec:
+    codec = next((c for c in CODECS if c.name == name), None)
+    if codec is None:
+        raise FisherError(f"load: the file holds a {name!r}, which this fisherfx cannot read (it reads "
+                          f"{[c.name for c in CODECS]})")
+    return codec
+
+
+def _differences(values: Mapping[str, Tensor], provenance: Provenance, params: Mapping[str, Tensor],
+                 partial: bool) -> list[str]:
+    """What does not fit between stored values and ``params``: names on one side only, shapes."""
+    out = []
+    extra = [k for k in values if k not in params]
+    if extra:
+        out.append(f"in the file but not in params: {some_names(extra)}")
+    missing = [k for k in params if k not in values]
+    if missing and not partial:
+        out.append(f"in params but not in the file: {some_names(missing)} (pass partial=True for a file of "
+                   "part of the parameters)")
+    groups = provenance.groups if isinstance(provenance.groups, Mapping) else {}
+    shapes = provenance.shapes if isinstance(provenance.shapes, Mapping) else {}
+    for name, value in values.items():
+        if name not in params:
+            continue
+        shape, got = tuple(params[name].shape), tuple(value.shape)
+        if name in shapes and tuple(shapes[name]) != shape:
+            out.append(f"{name!r}: the file's values are of a parameter of shape {tuple(shapes[name])}, params "
+                       f"{shape}")
+        elif name in groups:
+            try:
+                group = check_groups({name: groups[name]}, {name: params[name]}, "load")[name]
+            except FisherError:
+                out.append(f"{name!r}: the file's group pattern {as_group(groups[name]).pattern!r} does not fit the "
+                           f"parameter's shape {shape}")
+                continue
+            want = tuple(group.reduce(torch.empty(shape, device="meta")).shape)
+            if want != got:
+                out.append(f"{name!r}: the file has group values {got}, params of shape {shape} give {want} "
+                           f"under {group.pattern!r}")
+        elif shape != got:
+            out.append(f"{name!r}: the file has shape {got}, params {shape}")
+    return out
+
+
+# --- bytes ---------------------------------------------------------------------------------------------
+
+def _crc(t: Tensor) -> int:
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _versions() -> dict[str, str]:
+    package = sys.modules.get("fisherfx")
+    return {"fisherfx_version": str(getattr(package, "__version__", UNKNOWN)), "torch_version": torch.__version__}
+
+
+def _for_disk(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous, no two sharing memory (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for key, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(temporary_path)`` then rename over ``path``: all of the new file or none of it.
+
+    The temporary file lies in ``path``'s folder (a rename within one filesystem is atomic), is synced
+    to disk before the rename, and the folder is synced after it so that the rename itself persists.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777  # 0o666 less the umask, as for any new file
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)  # a writer may have replaced the file with a private one
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # not every platform can sync a folder
+        _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+# --- save ----------------------------------------------------------------------------------------------
+
+def _entry(where: str, obj: Any, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    codec = _codec_of(obj)
+    if codec is None:
+        raise FisherError(f"{where}: cannot store {what} of type {type(obj).__name__}; expected one of "
+                          f"{[c.name for c in CODECS]} or a {{task: state}} dict of them")
+    tensors, fields = codec.encode(obj)
+    return tensors, {"type": codec.name, **fields}
+
+
+def save(path: str | os.PathLike, obj: "State | Mapping[str, State]", metadata: Mapping[str, Any] | None = None
+         ) -> None:
+    """Write ``obj`` to ``path`` (a safetensors file, by convention ``*.safetensors``), atomically.
+
+    Args:
+        path: the file; replaced atomically if it exists (its folder must exist).
+        obj: an :class:`~fisherfx.Estimate`, :class:`~fisherfx.EMAState`, :class:`~fisherfx.SumState`, or a
+            ``{task: state}`` dict of them (task names are strings).
+        metadata: JSON-able ``{key: value}`` of your own (model name, data, commit), stored in the header.
+
+    Raises:
+        FisherError: a type it cannot store, a non-string task name, metadata that is not JSON-able, or
+            two tensors under one key.
+
+    """
+    where = "save"
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise FisherError(f"{where}: metadata must be a {{key: value}} dict, got {type(metadata).__name__}")
+    header: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, **_versions(),
+                              "metadata": dict(metadata or {})}
+    if isinstance(obj, Mapping) and _codec_of(obj) is None:
+        tensors: dict[str, Tensor] = {}
+        header["type"], header["tasks"] = "tasks", {}
+        for task, state in obj.items():
+            if not isinstance(task, str):
+                raise FisherError(f"{where}: task names must be strings, got {task!r}")
+            entry_tensors, fields = _entry(where, state, f"task {task!r}")
+            keys = {key: f"{task}/{key}" for key in entry_tensors}
+            for key, full in keys.items():
+                if full in tensors:
+                    raise FisherError(f"{where}: two tensors would be stored under the key {full!r}; rename task "
+                                      f"{task!r}")
+                tensors[full] = entry_tensors[key]
+            for p in fields.get("params", {}).values():
+                p["key"] = keys[p["key"]]
+            header["tasks"][task] = fields
+    else:
+        tensors, fields = _entry(where, obj, "an object")
+        header.update(fields)
+    tensors = _for_disk(tensors)
+    header["tensors"] = {k: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "crc32": _crc(t)}
+                         for k, t in tensors.items()}
+    try:
+        text = json.dumps(header, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise FisherError(f"{where}: metadata must be JSON-able (str, numbers, lists, dicts): {err}") from None
+    meta = {"format": FORMAT, "fisherfx": text, "fisherfx_crc32": str(zlib.crc32(text.encode()))}
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+# --- load ----------------------------------------------------------------------------------------------
+
+class Header(NamedTuple):
+    """A file's header: what :func:`read_header` returns."""
+
+    fields: dict[str, Any]  # the JSON header (format_version, type, provenance, metadata, ...)
+    keys: list[str]  # the tensor keys in the file
+
+
+def _refuse(path: str, why: str) -> FisherError:
+    return FisherError(f"load: {path!r} is not a readable fisherfx file: {why}")
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """The header of a fisherfx file, checked, without reading its tensors.
+
+    Raises:
+        FisherError: a missing, empty, truncated, corrupted or foreign file.
+
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FisherError(f"load: no file at {path!r}")
+    if os.path.getsize(path) == 0:
+        raise _refuse(path, "the file is empty")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta, keys = f.metadata() or {}, list(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise _refuse(path, f"not a safetensors file, or truncated or corrupted ({err})") from None
+    if meta.get("format") != FORMAT or "fisherfx" not in meta:
+        raise _refuse(path, "a safetensors file without a fisherfx header (written by another tool)")
+    text = meta["fisherfx"]
+    if meta.get("fisherfx_crc32") != str(zlib.crc32(text.encode())):
+        raise _refuse(path, "the header's checksum does not match (corrupted)")
+    try:
+        fields = json.loads(text)
+    except ValueError as err:
+        raise _refuse(path, f"the header is not JSON ({err})") from None
+    version = fields.get("format_version") if isinstance(fields, dict) else None
+    if not isinstance(version, int) or version < 1:
+        raise _refuse(path, f"no valid format_version in the header ({version!r})")
+    if version > FORMAT_VERSION:
+        raise FisherError(f"load: {path!r} has format version {version}, newer than this fisherfx reads "
+                          f"({FORMAT_VERSION}); upgrade fisherfx")
+    return Header(fields, keys)
+
+
+def _read_tensors(path: str, header: Header, device: Any) -> dict[str, Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    expected = header.fields.get("tensors", {})
+    if sorted(expected) != sorted(header.keys):
+        raise _refuse(path, "its tensors are not the ones its header lists")
+    out = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key, spec in expected.items():
+                t = f.get_tensor(key)
+                if list(t.shape) != spec["shape"] or _dtype_name(t.dtype) != spec["dtype"]:
+                    raise _refuse(path, f"tensor {key!r} is {_dtype_name(t.dtype)} {list(t.shape)}, the header says "
+                                        f"{spec['dtype']} {spec['shape']}")
+                if _crc(t) != spec["crc32"]:
+                    raise _refuse(path, f"tensor {key!r} does not match its checksum (corrupted)")
+                out[key] = t.to(device)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise _refuse(path, f"reading its tensors failed ({err})") from None
+    return out
+
+
+def load(path: str | os.PathLike, params: Mapping[str, Tensor] | None = None, *, partial: bool = False,
+         device: torch.device | str = "cpu") -> "State | dict[str, State]":
+    """Read what :func:`save` wrote: the state, or the ``{task: state}`` dict, with its provenance.
+
+    Args:
+        path: a file written by :func:`save`.
+        params: ``{name: tensor}`` of the model the file is meant for; the file's names and shapes are
+            checked against them (for group values: the group pattern applied to the parameter's shape).
+        partial: with ``params``, accept a file that covers only some of them.
+        device: where the tensors are put.
+
+    Returns:
+        An :class:`~fisherfx.Estimate`, :class:`~fisherfx.EMAState`, :class:`~fisherfx.SumState`, or a
+        ``{task: state}`` dict; the user's metadata is in :func:`read_header`.
+
+    Raises:
+        FisherError: a missing, empty, truncated, corrupted or foreign file, a newer format, or, with
+            ``params``, names or shapes that differ (all differences listed).
+
+    """
+    path = os.fspath(path)
+    header = read_header(path)
+    tensors = _read_tensors(path, header, device)
+    fields = header.fields
+    try:
+        if fields.get("type") == "tasks":
+            entries = dict(fields["tasks"])
+            decoded = {task: _codec_named(e["type"]).decode(tensors, e) for task, e in entries.items()}
+        else:
+            entries = {"": fields}
+            decoded = {"": _codec_named(fields.get("type")).decode(tensors, fields)}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise _refuse(path, f"its header does not describe its contents ({type(err).__name__}: {err})") from None
+    if params is not None:
+        problems = []
+        for task, obj in decoded.items():
+            found = _codec_of(obj).differences(obj, params, partial)
+            problems += [f"task {task!r}: {d}" if task else d for d in found]
+        if problems:
+            raise FisherError(f"load: {path!r} does not fit params: " + "; ".join(problems))
+    return decoded[""] if fields.get("type") != "tasks" else decoded
+
+
+__all__ = ["CODECS", "Codec", "Header", "atomic_write", "load", "read_header", "save"]

@@ -1,0 +1,327 @@
+"""Fisher files: round trips, what a plain safetensors reader sees, refusing bad files, atomic writes."""
+
+import json
+import multiprocessing
+import os
+import pathlib
+import random
+import re
+import signal
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import fisherfx as ffx
+from fisherfx.io import atomic_write, load, read_header, save
+from fisherfx.state import Provenance
+from fisherfx.testing import assert_tree_close
+from tests.strategies import BITWISE, build, randint, randn
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "files.md"
+
+
+@pytest.fixture(scope="module")
+def made():
+    """A tiny attention model, its parameters and one estimate of every kind."""
+    from tests.strategies import AttentionNet
+
+    model = build(AttentionNet, seed=0)
+    problem = ffx.supervised(model, ffx.Categorical())
+    params = ffx.params_of(model)
+    batch = (randn(1, 3, 4, 4), randint(2, 3, 3, 4))
+    spec = ffx.heads(params, num_heads=2)
+    gen = torch.Generator().manual_seed(0)
+    diag = ffx.diag_fisher(problem, params, batch, kind="mc", n_samples=2, generator=gen, normalize="tokens")
+    return {
+        "params": params,
+        "diag": diag,
+        "heads": ffx.group_fisher(problem, params, batch, spec, per="token", normalize="tokens"),
+        "mask": ffx.mask_importance(problem, params, batch, ffx.channels(params)),
+        "whole": ffx.group_fisher(problem, params, batch, ffx.whole(params), storage_dtype=torch.bfloat16),
+        "ema": ffx.ema_update(ffx.ema_init(diag, 0.95), diag),
+        "sums": ffx.sum_update(ffx.sum_init(diag), diag),
+        "hand-made": ffx.Estimate({"w": torch.ones(2, 2, dtype=torch.float64)}, torch.tensor(7)),
+        "empty shard": ffx.Estimate({"w": torch.zeros(3)}, torch.tensor(0), diag.provenance),
+    }
+
+
+def values_of(obj):
+    return obj.value if isinstance(obj, ffx.Estimate) else obj.mean if isinstance(obj, ffx.EMAState) else obj.total
+
+
+def assert_same(got, want):
+    assert type(got) is type(want)
+    assert_tree_close(values_of(got), values_of(want), **BITWISE)  # dtype included
+    assert got.provenance == want.provenance
+    for field in ("count", "step"):
+        if field in want._fields:
+            have, expect = getattr(got, field), getattr(want, field)
+            assert have.dtype == torch.int64 and have.shape == () and int(have) == int(expect)
+    if isinstance(want, ffx.EMAState):
+        assert got.decay == want.decay
+
+
+# --- round trips ---------------------------------------------------------------------------------------
+
+OBJECTS = ["diag", "heads", "mask", "whole", "ema", "sums", "hand-made", "empty shard"]
+
+
+@pytest.mark.parametrize("name", OBJECTS)
+def test_round_trip(made, tmp_path, name):
+    path = tmp_path / "f.safetensors"
+    save(path, made[name])
+    assert_same(load(path), made[name])
+
+
+def test_round_trip_of_tasks(made, tmp_path):
+    tasks = {"sin": made["ema"], "cos": made["heads"], "all/of it": made["sums"]}
+    save(tmp_path / "t.safetensors", tasks, metadata={"model": "tiny", "steps": [1, 2]})
+    got = load(tmp_path / "t.safetensors")
+    assert list(got) == list(tasks)
+    for task in tasks:
+        assert_same(got[task], tasks[task])
+    assert read_header(tmp_path / "t.safetensors").fields["metadata"] == {"model": "tiny", "steps": [1, 2]}
+
+
+def test_a_plain_safetensors_reader_sees_flat_keys(made, tmp_path):
+    save(tmp_path / "d.safetensors", made["diag"])
+    assert_tree_close(load_file(tmp_path / "d.safetensors"), made["diag"].value, **BITWISE)  # a state dict
+    save(tmp_path / "t.safetensors", {"a": made["heads"], "b": made["whole"]})
+    keys = set(load_file(tmp_path / "t.safetensors"))
+    assert {"a/attn.q_proj.weight|h", "a/attn.o_proj.weight|h", "b/head.bias|"} <= keys
+    with safe_open(tmp_path / "t.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    header = json.loads(meta["fisherfx"])
+    assert meta["format"] == "fisherfx" and header["format_version"] == 1
+    assert header["torch_version"] == torch.__version__ and header["fisherfx_version"] == ffx.__version__
+    a = header["tasks"]["a"]
+    assert a["type"] == "Estimate" and a["count"] == int(made["heads"].count)
+    assert a["provenance"]["kind"] == "empirical" and a["provenance"]["per"] == "token"
+    assert a["provenance"]["groups"]["attn.q_proj.weight"] == {"pattern": "(h d) i -> h", "sizes": {"h": 2}}
+    assert a["params"]["attn.q_proj.weight"] == {"key": "a/attn.q_proj.weight|h", "shape": [2]}
+
+
+def test_header_of_an_ema(made, tmp_path):
+    save(tmp_path / "e.safetensors", made["ema"])
+    fields = read_header(tmp_path / "e.safetensors").fields
+    assert (fields["type"], fields["decay"], fields["step"]) == ("EMAState", 0.95, 1)
+    assert fields["provenance"]["kind"] == "mc" and fields["provenance"]["n_samples"] == 2
+    assert fields["params"]["attn.q_proj.weight"]["shape"] == [4, 4]
+
+
+def test_save_replaces_the_file_and_leaves_no_temporary(made, tmp_path):
+    path = tmp_path / "f.safetensors"
+    save(path, made["diag"])
+    save(path, made["sums"])
+    assert_same(load(path), made["sums"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors"]
+
+
+def test_a_new_file_gets_the_usual_permissions(made, tmp_path):
+    mask = os.umask(0o022)
+    try:
+        save(tmp_path / "f.safetensors", made["diag"])
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+# --- loading against params --------------------------------------------------------------------------
+
+def test_load_checks_names_and_shapes(made, tmp_path):
+    params = made["params"]
+    save(tmp_path / "f.safetensors", {"diag": made["diag"], "heads": made["heads"]})
+    load(tmp_path / "f.safetensors", params, partial=True)  # heads() covers the projections only
+    with pytest.raises(ffx.FisherError, match=r"task 'heads': in params but not in the file: .*'head.weight'"):
+        load(tmp_path / "f.safetensors", params)
+    other = {**{k: v for k, v in params.items() if k != "head.bias"}, "head.extra": torch.zeros(3),
+             "attn.q_proj.weight": torch.zeros(6, 4)}
+    with pytest.raises(ffx.FisherError) as err:
+        load(tmp_path / "f.safetensors", other)
+    message = str(err.value)
+    assert message.startswith("load: ") and "does not fit params" in message
+    for part in ("task 'diag': in the file but not in params: 'head.bias'",
+                 "task 'diag': in params but not in the file: 'head.extra'",
+                 "task 'diag': 'attn.q_proj.weight': the file has shape (4, 4), params (6, 4)",
+                 "task 'heads': 'attn.q_proj.weight': the file's values are of a parameter of shape (4, 4), params "
+                 "(6, 4)"):
+        assert part in message, message
+
+
+def test_load_names_params_missing_from_the_file(made, tmp_path):
+    save(tmp_path / "f.safetensors", made["mask"])
+    load(tmp_path / "f.safetensors", made["params"])  # channels() covers every parameter here
+    bigger = {**made["params"], "extra.weight": torch.zeros(2, 2)}
+    with pytest.raises(ffx.FisherError, match=r"in params but not in the file: 'extra.weight' \(pass partial=True"):
+        load(tmp_path / "f.safetensors", bigger)
+    load(tmp_path / "f.safetensors", bigger, partial=True)
+
+
+@pytest.mark.parametrize(("shape", "message"), [
+    ((5, 4), r"the file's group pattern '\(h d\) i -> h' does not fit the parameter's shape \(5, 4\)"),
+    ((6, 4), r"the file has group values \(2,\), params of shape \(6, 4\) give \(3,\) under '\(h d\) i -> h'"),
+])
+def test_group_values_without_parameter_shapes_are_checked_by_their_pattern(tmp_path, shape, message):
+    spec = {"q.weight": ffx.Group("(h d) i -> h", {"d": 2})}
+    est = ffx.Estimate({"q.weight": torch.ones(2)}, torch.tensor(1), Provenance(quantity="group", groups=spec))
+    save(tmp_path / "f.safetensors", est)
+    load(tmp_path / "f.safetensors", {"q.weight": torch.zeros(4, 4)})
+    with pytest.raises(ffx.FisherError, match=rf"load: .* does not fit params: 'q.weight': {message}"):
+        load(tmp_path / "f.safetensors", {"q.weight": torch.zeros(shape)})
+
+
+# --- files that are not good ---------------------------------------------------------------------------
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(ffx.FisherError, match="load: no file at"):
+        load(tmp_path / "absent.safetensors")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ffx.FisherError, match="is not a readable fisherfx file: the file is empty"):
+        load(tmp_path / "empty.safetensors")
+
+
+def test_foreign_files(tmp_path):
+    save_file({"w": torch.ones(2)}, tmp_path / "plain.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ffx.FisherError, match="a safetensors file without a fisherfx header"):
+        load(tmp_path / "plain.safetensors")
+    torch.save({"w": torch.ones(2)}, tmp_path / "pickle.pt")
+    (tmp_path / "text.json").write_text('{"hello": "world"}' * 10)
+    for name in ("pickle.pt", "text.json"):
+        with pytest.raises(ffx.FisherError, match="not a safetensors file, or truncated or corrupted"):
+            load(tmp_path / name)
+
+
+def test_a_newer_format_asks_for_an_upgrade(tmp_path):
+    import zlib
+
+    text = json.dumps({"format": "fisherfx", "format_version": 99, "type": "Estimate", "tensors": {}})
+    save_file({"w": torch.ones(2)}, tmp_path / "new.safetensors",
+              metadata={"format": "fisherfx", "fisherfx": text, "fisherfx_crc32": str(zlib.crc32(text.encode()))})
+    with pytest.raises(ffx.FisherError, match="format version 99, newer than this fisherfx reads \\(1\\); upgrade"):
+        load(tmp_path / "new.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0.99, 0.9, 0.5, 0.1, 8 / 870])
+def test_truncated_files(made, tmp_path, keep):
+    save(tmp_path / "f.safetensors", made["diag"])
+    raw = (tmp_path / "f.safetensors").read_bytes()
+    (tmp_path / "f.safetensors").write_bytes(raw[:max(1, int(keep * len(raw)))])
+    with pytest.raises(ffx.FisherError, match="is not a readable fisherfx file"):
+        load(tmp_path / "f.safetensors")
+
+
+def test_every_corrupted_byte_is_refused_or_harmless(tmp_path):
+    # one flipped bit anywhere (length prefix, safetensors header, fisherfx header, tensor data): a
+    # FisherError, or (if it changed nothing that is read) the same content; never other values
+    want = ffx.Estimate({"w": torch.arange(6.0).reshape(2, 3), "b|x": torch.ones(2)}, torch.tensor(3),
+                        Provenance("diagonal", "empirical", "sample", "samples", 1, "float32", None))
+    save(tmp_path / "good.safetensors", want)
+    raw = (tmp_path / "good.safetensors").read_bytes()
+    refused = 0
+    for i in range(0, len(raw), 2):
+        for bit in (0x01, 0x80) if i % 4 == 0 else (0x10,):
+            bad = bytearray(raw)
+            bad[i] ^= bit
+            (tmp_path / "bad.safetensors").write_bytes(bytes(bad))
+            try:
+                got = load(tmp_path / "bad.safetensors")
+            except ffx.FisherError:
+                refused += 1
+                continue
+            assert_same(got, want)
+    assert refused > 0.9 * len(raw) * 0.75
+
+
+# --- atomic writes -------------------------------------------------------------------------------------
+
+def test_a_failed_write_leaves_the_previous_file(made, tmp_path):
+    path = tmp_path / "f.safetensors"
+    save(path, made["diag"])
+
+    def fail(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(b"half a file")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, fail)
+    assert_same(load(path), made["diag"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors"]
+    with pytest.raises(ffx.FisherError, match="save: metadata must be JSON-able"):
+        save(path, made["sums"], metadata={"bad": object()})
+    assert_same(load(path), made["diag"])
+
+
+def _write_forever(path: str, versions: list) -> None:
+    """The writer: alternate between the versions until killed."""
+    while True:
+        for v in versions:
+            save(path, v)
+
+
+def test_a_writer_killed_mid_save_leaves_a_loadable_file(tmp_path):
+    # Kill a writer process (SIGKILL, no cleanup) at random moments, many times: the file on disk is
+    # always one complete version. Go on until some kill has hit a save mid-way (a temporary file
+    # was left) and some writer has completed a save (the other version is on disk).
+    versions = [ffx.Estimate({"w": torch.full((1 << 20,), float(k))}, torch.tensor(k)) for k in (1, 2)]
+    path = str(tmp_path / "f.safetensors")
+    start = time.perf_counter()
+    save(path, versions[0])
+    seconds = time.perf_counter() - start  # one save
+    context = multiprocessing.get_context("fork")  # the writer starts in milliseconds, torch already loaded
+    rng = random.Random(0)
+    seen, interrupted, kills = set(), 0, 0
+    while kills < 60 and not (interrupted and len(seen) == 2) or kills < 8:
+        writer = context.Process(target=_write_forever, args=(path, versions), daemon=True)
+        writer.start()
+        time.sleep(rng.uniform(0, 3 * seconds))
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join(10)
+        assert writer.exitcode == -signal.SIGKILL
+        kills += 1
+        got = load(path)  # never a partial file
+        k = int(got.count)
+        assert_tree_close(got.value, versions[k - 1].value, **BITWISE)
+        seen.add(k)
+        leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        interrupted += bool(leftovers)
+        for p in leftovers:
+            p.unlink()
+    assert interrupted and seen == {1, 2}, f"{kills} kills: {interrupted} mid-save, versions seen {seen}"
+
+
+# --- what cannot be stored ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("obj", "message"), [
+    ({"w": torch.ones(2)}, r"save: cannot store task 'w' of type Tensor"),
+    (torch.ones(2), r"save: cannot store an object of type Tensor; expected one of \['Estimate', 'EMAState', "
+                    r"'SumState'\] or a \{task: state\} dict"),
+    ({1: ffx.Estimate({"w": torch.ones(2)}, torch.tensor(1))}, r"save: task names must be strings, got 1"),
+])
+def test_what_cannot_be_stored(tmp_path, obj, message):
+    with pytest.raises(ffx.FisherError, match=message):
+        save(tmp_path / "f.safetensors", obj)
+    assert not list(tmp_path.iterdir())
+
+
+def test_tied_values_are_stored_twice(tmp_path):
+    shared = torch.ones(3)
+    est = ffx.Estimate({"a": shared, "b": shared}, torch.tensor(1))
+    save(tmp_path / "f.safetensors", est)
+    assert_same(load(tmp_path / "f.safetensors"), est)
+
+
+# --- the examples of docs/files.md run -----------------------------------------------------------------
+
+def _examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S) if DOCS.exists() else []
+
+
+@pytest.mark.parametrize("index", range(len(_examples())))
+def test_docs_example_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_examples()[index], f"docs/files.md[{index}]", "exec"), {"nn": nn})
