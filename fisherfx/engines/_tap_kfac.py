@@ -112,6 +112,13 @@ def _with_ones(x: Tensor | None, g: Tensor, ones: bool, dtype: torch.dtype) -> T
     return x
 
 
+def _bordered(xx: Tensor, s: Tensor, count: float) -> Tensor:
+    """``Σ x̃ x̃ᵀ`` for ``x̃ = [x, 1]`` from ``Σ x xᵀ``, ``Σ x`` and the number of rows (no copy of ``x``)."""
+    out = xx.new_empty((xx.shape[0] + 1, xx.shape[0] + 1))
+    out[:-1, :-1], out[:-1, -1], out[-1, :-1], out[-1, -1] = xx, s, s, count
+    return out
+
+
 def _step(units: int, per_unit: int) -> int:
     return max(1, min(units, BUDGET // max(per_unit, 1)))
 
@@ -123,43 +130,50 @@ def _input_sums(uses: list[Use], request: FactorRequest, mask: Callable[[int], T
     if uses[0].form == "index":  # Embedding: token counts of the counted positions (padding_idx: -1, no row)
         size = uses[0].size[0]
         counts = torch.zeros(size, dtype=dtype, device=uses[0].a.device)
-        rows = torch.zeros((), dtype=torch.int64)
+        rows = 0
         for u in uses:
             m = mask(u.a.shape[1])
             keep = (u.a >= 0) & (m > 0)
             counts.index_add_(0, u.a[keep], m[keep].to(dtype))
             rows += int(m.sum())
-        return counts, rows
+        return counts, torch.tensor(rows, dtype=torch.int64)
     reduce = request.mode == "reduce"
-    total = None
-    mean_sum, weight = [], []  # reduce: per-sample sums of x̃ and counted positions, over uses
-    rows = torch.zeros((), dtype=torch.int64)
+    xx = xs = None  # Σ x xᵀ and Σ x over counted rows (expand)
+    per_sample, weight = None, None  # reduce: Σ_p m x per sample, and its counted positions
+    rows = 0
     for u in uses:
         p = u.a.shape[1]
         m = mask(p)
+        full = bool(m.all())
         step = _step(units, p * (sum(u.size) + 1))
         sums = []
         for lo in range(0, units, step):
             hi = min(lo + step, units)
             x, g = _sides(u, request.transposed, lo, hi)
-            x = _with_ones(x, g, request.ones, dtype) * m[lo:hi, :, None].to(dtype)
+            x = g.new_zeros((hi - lo, p, 0), dtype=dtype) if x is None else x.to(dtype)
+            if not full:
+                x = x * m[lo:hi, :, None].to(dtype)
             if reduce:
                 sums.append(x.sum(1))
-            else:
-                flat = x.reshape(-1, x.shape[-1])
-                part = flat.T @ flat
-                total = part if total is None else total + part
+                continue
+            flat = x.reshape((hi - lo) * p, x.shape[-1])
+            part, total = flat.T @ flat, flat.sum(0)
+            xx, xs = (part, total) if xx is None else (xx + part, xs + total)
         if reduce:
-            mean_sum.append(torch.cat(sums))
-            weight.append(m.sum(1))
+            use_sum = torch.cat(sums)
+            per_sample = use_sum if per_sample is None else per_sample + use_sum
+            weight = m.sum(1) if weight is None else weight + m.sum(1)
         else:
             rows += int(m.sum())
     if not reduce:
-        return total, rows
-    s, w = sum(mean_sum), sum(weight).to(dtype)  # [N, i], [N]
-    keep = w > 0
-    xbar = s[keep] / w[keep, None]
-    return xbar.T @ xbar, torch.tensor(int(keep.sum()), dtype=torch.int64)
+        a = _bordered(xx, xs, float(rows)) if request.ones else xx
+        return a, torch.tensor(rows, dtype=torch.int64)
+    keep = weight > 0
+    xbar = per_sample[keep] / weight[keep, None].to(dtype)
+    a = xbar.T @ xbar
+    if request.ones:
+        a = _bordered(a, xbar.sum(0), float(keep.sum()))
+    return a, torch.tensor(int(keep.sum()), dtype=torch.int64)
 
 
 def make_plan(uses: list[Use], request: FactorRequest, dtype: torch.dtype,
@@ -230,7 +244,9 @@ def accumulate(uses: list[Use], plan: FactorPlan, dtype: torch.dtype, cap: int |
     total, summed = None, None
     for u in uses:
         g = _sides(u, request.transposed, 0, units)[1].to(dtype)
-        g = g * plan.mask(g.shape[1])[..., None].to(dtype)
+        m = plan.mask(g.shape[1])
+        if not bool(m.all()):
+            g = g * m[..., None].to(dtype)
         if reduce:
             summed = g.sum(1) if summed is None else summed + g.sum(1)
             continue
