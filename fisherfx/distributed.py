@@ -1,0 +1,166 @@
+"""Estimates over ranks: the all-reduce of sums and counts over ``torch.distributed``.
+
+An estimate is ``value = S / Z`` with its sum ``S = Z · value`` and count ``Z``. Summing ``S`` and ``Z``
+over ranks and dividing gives every rank ``Σ_r S_r / Σ_r Z_r``: the single-process estimate on the
+concatenation of all ranks' data (for ``normalize="samples"`` or ``"tokens"``; with ``"none"`` the
+count-weighted mean of the ranks', as :func:`~fisherfx.combine`). A :class:`~fisherfx.SumState` is
+already sums and counts. A rank without data contributes a zero-count estimate (the result of
+``collect`` over an empty shard, or any estimate of count 0): it adds nothing, and the result is
+still exact. If no rank has data, every rank raises.
+
+An :class:`~fisherfx.EMAState` is refused: an EMA has no counts, and the mean of the ranks' EMAs is
+the EMA of the ranks' mean estimates only when every rank has the same count at every step. Reduce
+the estimate, then update: ``state = ema_update(state, all_reduce(estimate))``, the same on every rank.
+
+Before any sum, the ranks exchange what they hold (type, names, shapes, dtypes, provenance) with
+``all_gather_object``, so that ranks holding different things all raise the same
+:class:`~fisherfx.FisherError` instead of hanging or summing garbage. With NCCL, set each rank's CUDA
+device (``torch.cuda.set_device``) first, as ``all_gather_object`` requires; the values may be on the
+CPU (they are moved to the GPU for the reduction and back).
+"""
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._errors import FisherError
+from .state import EMAState, Estimate, Provenance, SumState, merge_provenance
+
+BUCKET_BYTES = 64 << 20  # tensors are reduced in flat buffers of about this size (fewer, larger messages)
+
+
+class _Held(NamedTuple):
+    """What one rank holds, exchanged before reducing."""
+
+    type: str
+    tensors: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype)
+    provenance: Provenance
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise FisherError("all_reduce: torch.distributed is not initialised; call "
+                          "torch.distributed.init_process_group first (torchrun sets up its environment)")
+    return dist
+
+
+def _device(dist: Any, group: Any, like: Tensor) -> torch.device:
+    backend = str(dist.get_backend(group)).lower()
+    if backend in ("gloo", "mpi"):
+        return torch.device("cpu")
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like.device
+
+
+def _sum_buckets(dist: Any, group: Any, tensors: list[Tensor], device: torch.device) -> list[Tensor]:
+    """``Σ_ranks`` of each tensor, in flat buffers of one dtype and about :data:`BUCKET_BYTES`."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    order = sorted(range(len(tensors)), key=lambda i: str(tensors[i].dtype))  # the same order on every rank
+    bucket: list[int] = []
+
+    def flush() -> None:
+        if not bucket:
+            return
+        flat = torch.cat([tensors[i].reshape(-1).to(device) for i in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for i, part in zip(bucket, flat.split([tensors[i].numel() for i in bucket])):
+            out[i] = part.reshape(tensors[i].shape)
+        bucket.clear()
+
+    size = 0
+    for i in order:
+        t = tensors[i]
+        if bucket and (t.dtype != tensors[bucket[0]].dtype or size + t.numel() * t.element_size() > BUCKET_BYTES):
+            flush()
+            size = 0
+        bucket.append(i)
+        size += t.numel() * t.element_size()
+    flush()
+    return out  # type: ignore[return-value]
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _agree(dist: Any, group: Any, held: _Held) -> Provenance:
+    """Every rank's ``_Held``; a FisherError on every rank if they differ, else the merged provenance."""
+    world = dist.get_world_size(group)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, held, group=group)
+    first = everyone[0]
+    for rank, other in enumerate(everyone[1:], start=1):
+        if other.type != first.type:
+            raise FisherError(f"all_reduce: ranks hold different types: rank 0 a {first.type}, rank {rank} a "
+                              f"{other.type}")
+        if other.tensors != first.tensors:
+            a, b = dict((n, (s, d)) for n, s, d in first.tensors), dict((n, (s, d)) for n, s, d in other.tensors)
+            diff = sorted(set(a) ^ set(b))
+            detail = (f"names only on one of them: {diff}" if diff else
+                      "; ".join(f"{n!r}: shape {a[n][0]} {a[n][1]} on rank 0, {b[n][0]} {b[n][1]} on rank {rank}"
+                                for n in a if a[n] != b[n]))
+            raise FisherError(f"all_reduce: rank 0 and rank {rank} hold different parameters: {detail}")
+    prov = first.provenance
+    for rank, other in enumerate(everyone[1:], start=1):
+        before = "rank 0" if rank == 1 else f"ranks 0 to {rank - 1}"
+        prov = merge_provenance("all_reduce", prov, other.provenance, (before, f"rank {rank}"))
+    return prov
+
+
+def all_reduce(estimate_or_state: "Estimate | SumState", group: Any = None) -> "Estimate | SumState":
+    """The estimate (or running sums) of all ranks' data together, on every rank.
+
+    A collective: every rank of ``group`` calls it with an object of the same type, names and shapes
+    (a rank without data passes a zero-count estimate, see the module docstring).
+
+    Args:
+        estimate_or_state: an :class:`~fisherfx.Estimate` or a :class:`~fisherfx.SumState`.
+        group: a ``torch.distributed`` process group; default: the whole world.
+
+    Returns:
+        The same type: for an estimate ``Σ_r Z_r v_r / Σ_r Z_r`` with count ``Σ_r Z_r``, stored in the
+        input's dtype and devices; for running sums the summed totals and counts. The provenance is the
+        ranks' merged provenance.
+
+    Raises:
+        FisherError: an :class:`~fisherfx.EMAState` or another type, torch.distributed not initialised,
+            ranks holding different types, names, shapes or dtypes, provenances that do not mix (another
+            kind, per, normalize or group spec on some rank), or a total count of 0. Raised on every rank.
+
+    """
+    obj = estimate_or_state
+    if isinstance(obj, EMAState):
+        raise FisherError("all_reduce: an EMAState cannot be reduced exactly (an EMA keeps no counts); reduce the "
+                          "estimate before the update, on every rank: state = ema_update(state, all_reduce(est))")
+    if not isinstance(obj, (Estimate, SumState)):
+        what = "a dict (reduce each value in turn, in the same order on every rank)" if isinstance(obj, Mapping) \
+            else type(obj).__name__
+        raise FisherError(f"all_reduce: expected an Estimate or a SumState, got {what}")
+    dist = _dist()
+    values = obj.value if isinstance(obj, Estimate) else obj.total
+    names = list(values)
+    held = _Held(type(obj).__name__, tuple((n, tuple(values[n].shape), str(values[n].dtype)) for n in names),
+                 obj.provenance)
+    prov = _agree(dist, group, held)
+    count = obj.count.to(torch.int64)
+    if isinstance(obj, Estimate):  # S = Z · value, accumulated as diag_fisher accumulates
+        sums = [values[n].to(_acc(values[n])) * count.to(_acc(values[n])).to(values[n].device) for n in names]
+    else:
+        sums = [values[n] for n in names]
+    device = _device(dist, group, sums[0] if sums else count)
+    *summed, total = _sum_buckets(dist, group, [*sums, count.reshape(1).to(device)], device)
+    total = total.reshape(()).to(obj.count.device)
+    if isinstance(obj, SumState):
+        return SumState({n: s.to(values[n].device) for n, s in zip(names, summed)}, total, prov)
+    if int(total) == 0:
+        raise FisherError("all_reduce: every rank's estimate has count 0; no rank had data")
+    value = {n: (s / total.to(s)).to(device=values[n].device, dtype=values[n].dtype) for n, s in zip(names, summed)}
+    return Estimate(value, total, prov)
+
+
+__all__ = ["all_reduce"]

@@ -1,0 +1,230 @@
+"""all_reduce over two gloo processes on loopback: every rank gets the single-process result.
+
+One run of two worker processes goes through every scenario below (process start and the gloo
+rendezvous cost more than the scenarios); each scenario is then reported as its own test. Shards
+are uneven (rank 0 has more batches than rank 1) and one scenario gives rank 1 no data at all.
+"""
+
+import datetime
+import json
+import multiprocessing
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+from torch import nn
+
+import fisherfx as ffx
+from fisherfx._collect import collect
+from fisherfx.distributed import all_reduce
+from fisherfx.testing import assert_tree_close
+from tests.strategies import SAME_MATH_F64, build, randint, randn
+
+WORLD = 2
+F64 = torch.float64
+SIZES = (3, 5, 2)  # rank 0 gets batches 0 and 1, rank 1 batch 2
+SHARDS = {0: [0, 1], 1: [2]}
+
+
+def setting():
+    model = build(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), seed=0)
+    batches = [(randn(10 + i, n, 3), randint(20 + i, 3, n)) for i, n in enumerate(SIZES)]
+    whole = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    return ffx.supervised(model, ffx.Categorical()), ffx.params_of(model), batches, whole
+
+
+def expect_error(fn, message: str) -> None:
+    try:
+        fn()
+    except ffx.FisherError as err:
+        assert message in str(err), str(err)
+        return
+    raise AssertionError(f"no FisherError (expected one saying {message!r})")
+
+
+# --- the scenarios, run on every rank ---------------------------------------------------------------------
+
+SCENARIOS = {}
+
+
+def scenario(fn):
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+@scenario
+def uneven_shards_give_the_estimate_of_all_the_data(rank):
+    problem, params, batches, whole = setting()
+    mine = collect(problem, params, [batches[i] for i in SHARDS[rank]], dtype=F64).fisher
+    got = all_reduce(mine)
+    want = ffx.diag_fisher(problem, params, whole, dtype=F64)
+    assert_tree_close(got.value, want.value, **SAME_MATH_F64)
+    assert int(got.count) == sum(SIZES) and got.provenance == want.provenance
+
+
+@scenario
+def group_estimates_in_tokens(rank):
+    problem, params, batches, whole = setting()
+    spec = ffx.channels(params)
+    mine = collect(problem, params, [batches[i] for i in SHARDS[rank]], groups=spec, normalize="tokens",
+                   dtype=F64).fisher
+    want = ffx.group_fisher(problem, params, whole, spec, normalize="tokens", dtype=F64)
+    got = all_reduce(mine)
+    assert_tree_close(got.value, want.value, **SAME_MATH_F64)
+    assert got.provenance == want.provenance
+
+
+@scenario
+def small_buckets_give_the_same_result(rank):
+    import fisherfx.distributed as distributed
+
+    problem, params, batches, whole = setting()
+    mine = collect(problem, params, [batches[i] for i in SHARDS[rank]], dtype=F64).fisher
+    saved = distributed.BUCKET_BYTES
+    distributed.BUCKET_BYTES = 40  # a few entries per buffer: many buffers, tensors never split
+    try:
+        got = all_reduce(mine)
+    finally:
+        distributed.BUCKET_BYTES = saved
+    assert_tree_close(got.value, ffx.diag_fisher(problem, params, whole, dtype=F64).value, **SAME_MATH_F64)
+
+
+@scenario
+def running_sums_add_up(rank):
+    problem, params, batches, whole = setting()
+    state = None
+    for i in SHARDS[rank]:
+        est = ffx.diag_fisher(problem, params, batches[i], dtype=F64)
+        state = ffx.sum_update(state or ffx.sum_init(est), est)
+    got = all_reduce(state)
+    assert isinstance(got, ffx.SumState) and int(got.count) == sum(SIZES)
+    assert_tree_close(ffx.sum_value(got).value, ffx.diag_fisher(problem, params, whole, dtype=F64).value,
+                      **SAME_MATH_F64)
+
+
+@scenario
+def low_precision_storage_is_kept(rank):
+    problem, params, batches, whole = setting()
+    mine = ffx.combine([ffx.diag_fisher(problem, params, batches[i]) for i in SHARDS[rank]])
+    got = all_reduce(ffx.cast(mine, torch.bfloat16))
+    assert all(v.dtype == torch.bfloat16 for v in got.value.values())
+    want = ffx.diag_fisher(problem, params, whole)
+    assert_tree_close(got.value, {k: v.to(torch.bfloat16) for k, v in want.value.items()}, rtol=2e-2, atol=1e-6)
+
+
+@scenario
+def a_rank_with_an_empty_shard_contributes_nothing(rank):
+    problem, params, batches, _ = setting()
+    mine = collect(problem, params, batches[:2] if rank == 0 else [], dtype=F64).fisher
+    got = all_reduce(mine)
+    want = ffx.diag_fisher(problem, params, (torch.cat([batches[0][0], batches[1][0]]),
+                                             torch.cat([batches[0][1], batches[1][1]])), dtype=F64)
+    assert_tree_close(got.value, want.value, **SAME_MATH_F64)
+    assert int(got.count) == SIZES[0] + SIZES[1]
+
+
+@scenario
+def no_rank_with_data_is_an_error_everywhere(rank):
+    problem, params, _, _ = setting()
+    empty = collect(problem, params, []).fisher
+    expect_error(lambda: all_reduce(empty), "all_reduce: every rank's estimate has count 0; no rank had data")
+
+
+@scenario
+def different_kinds_are_refused_on_every_rank(rank):
+    problem, params, batches, _ = setting()
+    kind = "empirical" if rank == 0 else "mc"
+    est = ffx.diag_fisher(problem, params, batches[rank], kind=kind, generator=torch.Generator().manual_seed(0))
+    expect_error(lambda: all_reduce(est), "all_reduce: cannot mix estimates of different kind: rank 0: "
+                                          "kind='empirical'; rank 1: kind='mc'")
+
+
+@scenario
+def different_parameters_are_refused_on_every_rank(rank):
+    problem, params, batches, _ = setting()
+    names = list(params) if rank == 0 else list(params)[:2]
+    est = ffx.diag_fisher(problem, {k: params[k] for k in names}, batches[rank])
+    expect_error(lambda: all_reduce(est), "all_reduce: rank 0 and rank 1 hold different parameters: names only "
+                                          "on one of them: ['2.bias', '2.weight']")
+
+
+@scenario
+def an_ema_is_refused(rank):
+    problem, params, batches, _ = setting()
+    est = ffx.diag_fisher(problem, params, batches[rank])
+    expect_error(lambda: all_reduce(ffx.ema_update(ffx.ema_init(est, 0.9), est)),
+                 "reduce the estimate before the update")
+    state = ffx.ema_update(ffx.ema_init(est, 0.9), all_reduce(est))  # the documented way: same state everywhere
+    everyone = [None] * WORLD
+    torch.distributed.all_gather_object(everyone, state.mean)
+    assert_tree_close(everyone[0], everyone[1], rtol=0, atol=0)
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD,
+                                         timeout=datetime.timedelta(seconds=30))
+    results = {}
+    try:
+        for name, fn in SCENARIOS.items():
+            try:
+                fn(rank)
+                results[name] = "ok"
+            except Exception:
+                results[name] = traceback.format_exc()
+            torch.distributed.barrier()
+    finally:
+        with open(out, "w") as f:
+            json.dump(results, f)
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ranks")
+    context = multiprocessing.get_context("fork")  # the workers start with torch and fisherfx loaded
+    port = _free_port()
+    workers = [context.Process(target=_worker, args=(rank, port, str(folder / f"{rank}.json")), daemon=True)
+               for rank in range(WORLD)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+        if w.is_alive():
+            w.kill()
+    missing = [rank for rank in range(WORLD) if not (folder / f"{rank}.json").exists()]
+    assert not missing, f"ranks {missing} reported nothing (exit codes {[w.exitcode for w in workers]})"
+    return {rank: json.loads((folder / f"{rank}.json").read_text()) for rank in range(WORLD)}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_scenario(outcomes, name, rank):
+    assert outcomes[rank].get(name) == "ok", f"rank {rank}:\n{outcomes[rank].get(name, 'did not run')}"
+
+
+# --- without a process group ------------------------------------------------------------------------------
+
+def test_all_reduce_needs_an_initialised_process_group():
+    est = ffx.Estimate({"w": torch.ones(2)}, torch.tensor(1))
+    with pytest.raises(ffx.FisherError, match="all_reduce: torch.distributed is not initialised"):
+        all_reduce(est)
+
+
+@pytest.mark.parametrize(("obj", "message"), [
+    ({"a": ffx.Estimate({"w": torch.ones(2)}, torch.tensor(1))}, "got a dict"),
+    (torch.ones(2), "expected an Estimate or a SumState, got Tensor"),
+])
+def test_all_reduce_takes_estimates_and_sums_only(obj, message):
+    with pytest.raises(ffx.FisherError, match=message):
+        all_reduce(obj)
