@@ -102,6 +102,8 @@ def importance_heatmap(values: Mapping[str, Tensor] | Tensor, labels: Sequence[s
             norm = LogNorm(float(positive.min()), float(positive.max()))
     image = ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
     ax.set_yticks(range(len(names)), names, fontsize=8)
+    if width <= 40:
+        ax.set_xticks(range(width))
     ax.set_xlabel(xlabel)
     fig.colorbar(image, ax=ax, label="importance")
     if title:
