@@ -6,9 +6,12 @@ are uneven (rank 0 has more batches than rank 1) and one scenario gives rank 1 n
 """
 
 import datetime
+import functools
 import json
 import multiprocessing
 import os
+import pathlib
+import re
 import socket
 import traceback
 
@@ -22,6 +25,7 @@ from fisherfx.distributed import all_reduce
 from fisherfx.testing import assert_tree_close
 from tests.strategies import SAME_MATH_F64, build, randint, randn
 
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
 WORLD = 2
 F64 = torch.float64
 SIZES = (3, 5, 2)  # rank 0 gets batches 0 and 1, rank 1 batch 2
@@ -47,6 +51,10 @@ def expect_error(fn, message: str) -> None:
 # --- the scenarios, run on every rank ---------------------------------------------------------------------
 
 SCENARIOS = {}
+
+
+class Skipped(Exception):
+    """A scenario that cannot run here (reported as a skipped test)."""
 
 
 def scenario(fn):
@@ -162,10 +170,66 @@ def an_ema_is_refused(rank):
     assert_tree_close(everyone[0], everyone[1], rtol=0, atol=0)
 
 
+@scenario
+def fsdp2_full_state_dict_to_a_plain_copy(rank):
+    # the recipe of docs/distributed.md: gather the full state dict of a fully_shard-ed model into a plain
+    # instance built on the meta device, then collect and reduce as for any replicated model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def make_model():
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+
+    problem, params, batches, whole = setting()
+    sharded = make_model()
+    sharded.load_state_dict(problem.model.state_dict())
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(sharded[0], mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    assert type(sharded[0].weight).__name__ == "DTensor" and sharded[0].weight.to_local().shape[0] == 2
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    with torch.device("meta"):
+        plain = make_model()
+    plain.load_state_dict(full, assign=True)
+    plain_problem = ffx.supervised(plain.eval(), ffx.Categorical())
+    got = all_reduce(collect(plain_problem, ffx.params_of(plain), [batches[i] for i in SHARDS[rank]],
+                             dtype=F64).fisher)
+    assert_tree_close(got.value, ffx.diag_fisher(problem, params, whole, dtype=F64).value, **SAME_MATH_F64)
+
+
+def _doc_scripts() -> list[str]:
+    """The complete scripts of docs/distributed.md (``python`` fences; ``py`` ones are fragments)."""
+    return re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S) if DOCS.exists() else []
+
+
+def _run_doc_script(index: int, rank: int) -> None:
+    code = _doc_scripts()[index]
+    missing = sorted({name for name in re.findall(r"ffx\.(\w+)", code) if not hasattr(ffx, name)})
+    if missing:
+        raise Skipped(f"docs/distributed.md script {index} calls {missing}, not in fisherfx yet")
+    dist = torch.distributed
+    saved = dist.init_process_group, dist.destroy_process_group
+    dist.init_process_group = dist.destroy_process_group = lambda *args, **kwargs: None  # the run's group serves
+    cwd = os.getcwd()
+    os.chdir(os.environ["FISHERFX_TEST_FOLDER"])
+    try:
+        exec(compile(code, f"docs/distributed.md[{index}]", "exec"), {})
+    finally:
+        os.chdir(cwd)
+        dist.init_process_group, dist.destroy_process_group = saved
+
+
+for _index in range(len(_doc_scripts())):
+    SCENARIOS[f"docs_script_{_index}"] = functools.partial(_run_doc_script, _index)
+
+
 # --- the run ---------------------------------------------------------------------------------------------
 
+
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                      FISHERFX_TEST_FOLDER=os.path.dirname(out))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD,
                                          timeout=datetime.timedelta(seconds=30))
     results = {}
@@ -174,6 +238,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             try:
                 fn(rank)
                 results[name] = "ok"
+            except Skipped as why:
+                results[name] = f"skip: {why}"
             except Exception:
                 results[name] = traceback.format_exc()
             torch.distributed.barrier()
@@ -210,7 +276,10 @@ def outcomes(tmp_path_factory):
 @pytest.mark.parametrize("name", list(SCENARIOS))
 @pytest.mark.parametrize("rank", range(WORLD))
 def test_scenario(outcomes, name, rank):
-    assert outcomes[rank].get(name) == "ok", f"rank {rank}:\n{outcomes[rank].get(name, 'did not run')}"
+    result = outcomes[rank].get(name, "did not run")
+    if result.startswith("skip: "):
+        pytest.skip(result.removeprefix("skip: "))
+    assert result == "ok", f"rank {rank}:\n{result}"
 
 
 # --- without a process group ------------------------------------------------------------------------------
