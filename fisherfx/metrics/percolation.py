@@ -216,7 +216,7 @@ def _direction(where: str, direction: Any, like: dict[str, Tensor], generator: t
                           f"parameters, got {type(direction).__name__}")
     given = {k: v for k, v in direction.items() if k in like}  # names outside the groups are not perturbed
     given, _ = check_vector(where, given, like, option="direction", batched=False)
-    return {name: v.to(ACCUMULATE) for name, v in given.items()}
+    return {name: v.to(device=like[name].device, dtype=ACCUMULATE) for name, v in given.items()}
 
 
 def concentrated_perturbation(
@@ -329,18 +329,18 @@ def concentrated_perturbation(
     raw = _direction(where, direction, like, generator)
     entries = expand_groups({k: m.to(ACCUMULATE) for k, m in mask.items()}, checked, like)  # [*P], 1 where chosen
     masked = {name: raw[name] * entries[name].to(raw[name].device) for name in like}
-    norm = torch.stack([(v**2).sum() for v in masked.values()]).sum().sqrt()
+    norm = torch.stack([(v**2).sum().cpu() for v in masked.values()]).sum().sqrt()  # parameters on any devices
     if float(norm) == 0.0:
         raise FisherError(f"{where}: direction is zero on every entry of the chosen groups "
                           f"{some_names(f'{n}{list(i)}' for n, i in chosen)}; it cannot be scaled to norm epsilon")
     target = epsilon
     if relative:
-        selected = torch.stack([((p.to(ACCUMULATE) * entries[name]) ** 2).sum() for name, p in like.items()])
+        selected = torch.stack([((p.to(ACCUMULATE) * entries[name]) ** 2).sum().cpu() for name, p in like.items()])
         target = epsilon * float(selected.sum().sqrt())
     delta = {}
     for name, p in params.items():
         if name in masked:
-            delta[name] = (masked[name] * (target / norm)).to(dtype=p.dtype, device=p.device)
+            delta[name] = (masked[name] * (target / float(norm))).to(dtype=p.dtype, device=p.device)
         else:
             delta[name] = torch.zeros_like(p)
     new_params = {name: p + delta[name] if name in masked else p for name, p in params.items()}
