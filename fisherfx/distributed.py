@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ._errors import FisherError
-from .state import EMAState, Estimate, Provenance, SumState, merge_provenance
+from .state import NO_PROVENANCE, EMAState, Estimate, Provenance, SumState, merge_provenance
 
 BUCKET_BYTES = 64 << 20  # tensors are reduced in flat buffers of about this size (fewer, larger messages)
 
@@ -145,7 +145,7 @@ def all_reduce(estimate_or_state: "Estimate | SumState", group: Any = None) -> "
     values = obj.value if isinstance(obj, Estimate) else obj.total
     names = list(values)
     held = _Held(type(obj).__name__, tuple((n, tuple(values[n].shape), str(values[n].dtype)) for n in names),
-                 obj.provenance)
+                 obj.provenance or NO_PROVENANCE)
     prov = _agree(dist, group, held)
     count = obj.count.to(torch.int64)
     if isinstance(obj, Estimate):  # S = Z · value, accumulated as diag_fisher accumulates

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ._errors import FisherError
 from .groups import Group, as_group, check_groups, some_names
-from .state import UNKNOWN, EMAState, Estimate, Provenance, SumState
+from .state import NO_PROVENANCE, UNKNOWN, EMAState, Estimate, Provenance, SumState
 
 FORMAT = "fisherfx"
 FORMAT_VERSION = 1
@@ -95,9 +95,9 @@ def _values_codec(name: str, type_: type, field: str, scalars: Callable[[Any], d
     """The codec of a state with one ``{param: tensor}`` field and a few scalars."""
 
     def encode(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        values = getattr(obj, field)
-        keys = {k: k + _suffix(obj.provenance, k) for k in values}
-        fields = {"provenance": provenance_to_json(obj.provenance), **scalars(obj),
+        values, made = getattr(obj, field), obj.provenance or NO_PROVENANCE
+        keys = {k: k + _suffix(made, k) for k in values}
+        fields = {"provenance": provenance_to_json(made), **scalars(obj),
                   "params": {k: {"key": keys[k], "shape": list(v.shape)} for k, v in values.items()}}
         return {keys[k]: v for k, v in values.items()}, fields
 
@@ -106,7 +106,7 @@ def _values_codec(name: str, type_: type, field: str, scalars: Callable[[Any], d
         return build(values, fields, provenance_from_json(fields["provenance"]))
 
     def differences(obj: Any, params: Mapping[str, Tensor], partial: bool) -> list[str]:
-        return _differences(getattr(obj, field), obj.provenance, params, partial)
+        return _differences(getattr(obj, field), obj.provenance or NO_PROVENANCE, params, partial)
 
     return Codec(name, type_, encode, decode, differences)
 
