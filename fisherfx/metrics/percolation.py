@@ -137,7 +137,7 @@ def values_of(where: str, option: str, x: Any) -> dict[str, Tensor]:
         raise FisherError(f"{where}: {option} must be an Estimate or a non-empty {{name: tensor}} dict, got "
                           f"{type(x).__name__}")
     for name, v in values.items():
-        if not isinstance(v, Tensor) or not (v.dtype.is_floating_point or v.dtype == torch.bool):
+        if not isinstance(v, Tensor) or not v.dtype.is_floating_point:
             got = f"dtype {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
             raise FisherError(f"{where}: {option}[{name!r}] must be a floating-point tensor, got {got}")
         if not bool(torch.isfinite(v).all()):
@@ -193,7 +193,7 @@ def _choose(scores: dict[str, Tensor], concentration: float, select: str, scope:
             generator: torch.Generator | None) -> list[tuple[str, tuple[int, ...]]]:
     names = list(scores)
     if scope == "global":
-        flat = torch.cat([s.reshape(-1) for s in scores.values()])
+        flat = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
         owner = [(name, i) for name in names for i in range(scores[name].numel())]
         order = _rank(flat, select, generator)[: k_of(concentration, flat.numel())].tolist()
         picked = [owner[j] for j in order]
@@ -205,18 +205,24 @@ def _choose(scores: dict[str, Tensor], concentration: float, select: str, scope:
     return [(name, _unravel(j, tuple(scores[name].shape))) for name, j in picked]
 
 
+def _work_dtype(like: Mapping[str, Tensor]) -> torch.dtype:
+    """float64 when a parameter is float64, else float32: the dtype of the full-size temporaries."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in like.values()) else torch.float32
+
+
 def _direction(where: str, direction: Any, like: dict[str, Tensor], generator: torch.Generator | None) -> Vector:
-    """Raw direction ``{name: [*P] float64}`` over the grouped parameters, drawn as one flat vector."""
+    """Raw direction ``{name: [*P]}`` over the grouped parameters, drawn as one flat vector."""
+    work = _work_dtype(like)
     if isinstance(direction, str):
         _choice(where, "direction", direction, DIRECTIONS)
         distribution = "gaussian" if direction == "gaussian" else "rademacher"
-        return random_like(like, generator=generator, distribution=distribution, dtype=ACCUMULATE)
+        return random_like(like, generator=generator, distribution=distribution, dtype=work)
     if not isinstance(direction, Mapping):
         raise FisherError(f"{where}: direction must be 'gaussian', 'sign' or a {{name: tensor}} dict shaped like the "
                           f"parameters, got {type(direction).__name__}")
     given = {k: v for k, v in direction.items() if k in like}  # names outside the groups are not perturbed
     given, _ = check_vector(where, given, like, option="direction", batched=False)
-    return {name: v.to(device=like[name].device, dtype=ACCUMULATE) for name, v in given.items()}
+    return {name: v.to(device=like[name].device, dtype=work) for name, v in given.items()}
 
 
 def concentrated_perturbation(
@@ -260,8 +266,8 @@ def concentrated_perturbation(
     ``groups`` are ignored). Random draws come from ``generator`` (torch's global generator when
     ``None``): the random order first (``select="random"``), then ``d`` as one flat vector over the
     grouped parameters in the order of ``groups``, so the same state gives the same ``δ`` and nested
-    selections share ``d`` on their common entries. Norms are computed in float64 and ``δ`` is stored in
-    each parameter's dtype.
+    selections share ``d`` on their common entries. ``d`` is drawn in float32 (float64 when a parameter
+    is float64), norms are accumulated in float64 and ``δ`` is stored in each parameter's dtype.
 
     Args:
         params: ``θ``, ``{name: [*P]}``; not modified.
@@ -327,20 +333,22 @@ def concentrated_perturbation(
         mask[name][index] = True
     like = {name: params[name] for name in checked}
     raw = _direction(where, direction, like, generator)
-    entries = expand_groups({k: m.to(ACCUMULATE) for k, m in mask.items()}, checked, like)  # [*P], 1 where chosen
+    entries = expand_groups({k: m.to(_work_dtype(like)) for k, m in mask.items()}, checked, like)  # 1 where chosen
     masked = {name: raw[name] * entries[name].to(raw[name].device) for name in like}
-    norm = torch.stack([(v**2).sum().cpu() for v in masked.values()]).sum().sqrt()  # parameters on any devices
+    # the norm accumulates in float64 (and on the CPU: parameters may sit on several devices)
+    norm = torch.stack([torch.linalg.vector_norm(v, dtype=ACCUMULATE).cpu() ** 2 for v in masked.values()]).sum().sqrt()
     if float(norm) == 0.0:
         raise FisherError(f"{where}: direction is zero on every entry of the chosen groups "
                           f"{some_names(f'{n}{list(i)}' for n, i in chosen)}; it cannot be scaled to norm epsilon")
     target = epsilon
     if relative:
-        selected = torch.stack([((p.to(ACCUMULATE) * entries[name]) ** 2).sum().cpu() for name, p in like.items()])
+        selected = torch.stack([torch.linalg.vector_norm(p * entries[name].to(p.dtype), dtype=ACCUMULATE).cpu() ** 2
+                                for name, p in like.items()])
         target = epsilon * float(selected.sum().sqrt())
     delta = {}
     for name, p in params.items():
         if name in masked:
-            delta[name] = (masked[name] * (target / float(norm))).to(dtype=p.dtype, device=p.device)
+            delta[name] = (masked[name] * (target / float(norm))).to(dtype=p.dtype, device=p.device)  # ‖δ‖ = target
         else:
             delta[name] = torch.zeros_like(p)
     new_params = {name: p + delta[name] if name in masked else p for name, p in params.items()}
