@@ -258,6 +258,31 @@ def test_risk_of_a_product_is_half_the_dense_quadratic_form(name):
     torch.testing.assert_close(risk_score(Factored(), sel.delta), want, rtol=1e-9, atol=1e-14)
 
 
+def test_risk_of_a_kfac_is_half_its_quadratic_form():
+    from fisherfx.kfac import kfac, kfac_dense
+
+    b = build(BY_NAME["mlp-categorical"])
+    fac = kfac(b.problem, b.params, b.batch, kind="exact", dtype=F64)
+    _, sel = perturb(b, "mlp-categorical", 0.5)
+    d = flatten(sel.delta, b.params)
+    torch.testing.assert_close(risk_score(fac, sel.delta), 0.5 * d @ kfac_dense(fac) @ d, **EXACT)
+
+
+def test_risk_of_a_kfac_is_exact_for_one_layer_with_a_gaussian():
+    """One Linear layer, Gaussian likelihood, exact kind: G = I/σ², so G ⊗ A is the exact Fisher."""
+    from fisherfx.kfac import kfac
+
+    g = gen(2)
+    x, y = torch.randn(20, 3, generator=g, dtype=F64), torch.randn(20, 2, generator=g, dtype=F64)
+    model = nn.Linear(3, 2).to(F64)
+    problem, params = ffx.supervised(model, ffx.Gaussian(0.5)), ffx.params_of(model)
+    _, sel = concentrated_perturbation(params, {"weight": torch.ones(2), "bias": torch.ones(2)},
+                                       {"weight": "o i -> o", "bias": "o -> o"}, 0.5, 0.3, generator=g)
+    fac = kfac(problem, params, (x, y), kind="exact", dtype=F64)
+    exact = functools.partial(ffx.ggn_vp, problem, params, (x, y))
+    torch.testing.assert_close(risk_score(fac, sel.delta), risk_score(exact, sel.delta), **EXACT)
+
+
 def test_risk_of_a_diagonal_is_half_the_diagonal_form():
     b = build(BY_NAME["mlp-categorical"])
     _, sel = perturb(b, "mlp-categorical", 0.5)

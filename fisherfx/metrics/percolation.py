@@ -21,8 +21,6 @@ and Fisher pruning", and Liu et al. 2021, "Group Fisher pruning for practical ne
 """
 
 import csv
-import importlib
-import importlib.util
 import io
 import math
 import os
@@ -37,6 +35,7 @@ from torch import Tensor
 from .._errors import FisherError
 from ..fisher import NORMALIZES, Normalize, check_params
 from ..groups import Group, Groups, check_groups, expand_groups, some_names
+from ..kfac import KFAC, kfac_vp
 from ..likelihoods import Bernoulli, Categorical, Gaussian, check_classes, check_shapes
 from ..losses import summed_nll
 from ..operators import batches_of
@@ -93,12 +92,12 @@ class Matvec(Protocol):
 
 
 class HasMatvec(Protocol):
-    """A curvature value that carries its product (e.g. a factored K-FAC approximation)."""
+    """A curvature value that carries its product ``F v`` as a method (any factored approximation)."""
 
     def matvec(self, v: Vector) -> Vector: ...
 
 
-Curvature = Estimate | Mapping[str, Tensor] | Matvec | HasMatvec
+Curvature = Estimate | Mapping[str, Tensor] | KFAC | Matvec | HasMatvec
 
 
 # --- small checks ---------------------------------------------------------------------------------
@@ -357,23 +356,6 @@ def concentrated_perturbation(
 
 # --- predicted risk -------------------------------------------------------------------------------
 
-def _kfac_matvec(curvature: Any) -> Callable[[Vector], Vector] | None:
-    """The K-FAC hook: ``v ↦ kfac_vp(curvature, v)`` for a ``fisherfx.kfac.KFAC`` value, else ``None``.
-
-    K-FAC lives in ``fisherfx/kfac.py``; until it exists (or if it names its value or product
-    otherwise) nothing is served here, and a K-FAC value that carries a ``matvec`` method is served by
-    :func:`risk_score`'s ``HasMatvec`` branch anyway.
-    """
-    name = f"{__package__.rsplit('.', 1)[0]}.kfac"
-    if name not in sys.modules and importlib.util.find_spec(name) is None:
-        return None
-    kfac = importlib.import_module(name)
-    kind, product = getattr(kfac, "KFAC", None), getattr(kfac, "kfac_vp", None)
-    if isinstance(kind, type) and isinstance(curvature, kind) and callable(product):
-        return lambda v: product(curvature, v)
-    return None
-
-
 def check_delta(where: str, delta: Any, like: Mapping[str, Tensor], option: str = "curvature") -> dict[str, Tensor]:
     """``delta`` for the names of ``like``: every name present with its shape; names beyond ``like`` only
     where ``delta`` is zero (a :class:`Selection`'s delta covers all of ``params``).
@@ -437,9 +419,11 @@ def quadratic_terms(where: str, curvature: Mapping[str, Tensor], delta: Any, gro
 
 
 def _matvec_of(curvature: Any) -> Callable[[Vector], Vector] | None:
-    kfac = _kfac_matvec(curvature)  # hook: K-FAC's factored product, once fisherfx.kfac exists
-    if kfac is not None:
-        return kfac
+    """``v ↦ F v`` of a product curvature: a K-FAC value (its factored product), an object with a
+    ``matvec`` method, or a callable; ``None`` for anything else.
+    """
+    if isinstance(curvature, KFAC):
+        return lambda v: kfac_vp(curvature, v)
     method = getattr(curvature, "matvec", None)
     if callable(method):
         return method
@@ -465,7 +449,9 @@ def risk_score(curvature: Curvature, delta: Mapping[str, Tensor], groups: Groups
     - a product ``v ↦ F v``: any callable on ``{name: tensor}`` vectors, e.g.
       ``functools.partial(ffx.ggn_vp, problem, params, batch)`` (the exact Fisher: ``R`` is then the
       second-order KL of :func:`perturbation_damage` at the same ``normalize``), or an object with a
-      ``matvec(v)`` method; a K-FAC value of ``fisherfx.kfac`` is served by its ``kfac_vp``.
+      ``matvec(v)`` method;
+    - a :class:`~fisherfx.kfac.KFAC` (:func:`~fisherfx.kfac`, ``ekfac``): ``½ ⟨δ, kfac_vp(fac, δ)⟩``, the
+      Kronecker-factored ``F`` (exact for a single layer with a Gaussian likelihood and ``kind="exact"``).
 
     ``R`` is in the normalisation of ``F``: compare it with a :class:`Damage` of the same ``Z``.
 
@@ -481,8 +467,8 @@ def risk_score(curvature: Curvature, delta: Mapping[str, Tensor], groups: Groups
 
     Raises:
         FisherError: a ``delta`` whose names or shapes differ from the curvature's (or nonzero where the
-            curvature has no entry), a curvature of none of these kinds, ``groups`` with a product, a
-            product that returns other names or shapes than ``delta``.
+            curvature has no entry; for a K-FAC, names it does not cover), a curvature of none of these
+            kinds, ``groups`` with a product, a product that returns other names or shapes than ``delta``.
 
     """
     where = "risk_score"
@@ -492,7 +478,8 @@ def risk_score(curvature: Curvature, delta: Mapping[str, Tensor], groups: Groups
     matvec = _matvec_of(curvature)
     if matvec is None:
         raise FisherError(f"{where}: curvature must be an Estimate, a {{name: tensor}} diagonal or group estimate, "
-                          f"a callable v -> F v or an object with a matvec method, got {type(curvature).__name__}")
+                          f"a KFAC, a callable v -> F v or an object with a matvec method, got "
+                          f"{type(curvature).__name__}")
     if groups is not None:
         raise FisherError(f"{where}: groups apply to a group estimate, not to a product v -> F v")
     if not isinstance(delta, Mapping) or not delta:
