@@ -175,6 +175,16 @@ def _differences(values: Mapping[str, Tensor], provenance: Provenance, params: M
 
 # --- bytes ---------------------------------------------------------------------------------------------
 
+def _safetensors(where: str):
+    """The ``safetensors`` package (imported on first use: ``import fisherfx`` does not need it)."""
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError:
+        raise FisherError(f"{where}: fisherfx files need the safetensors package: pip install safetensors") from None
+    return safetensors
+
+
 def _crc(t: Tensor) -> int:
     return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
 
@@ -291,7 +301,7 @@ def save(path: str | os.PathLike, obj: "State | Mapping[str, State]", metadata: 
     except (TypeError, ValueError) as err:
         raise FisherError(f"{where}: metadata must be JSON-able (str, numbers, lists, dicts): {err}") from None
     meta = {"format": FORMAT, "fisherfx": text, "fisherfx_crc32": str(zlib.crc32(text.encode()))}
-    from safetensors.torch import save_file
+    save_file = _safetensors(where).torch.save_file
 
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -316,8 +326,8 @@ def read_header(path: str | os.PathLike) -> Header:
         FisherError: a missing, empty, truncated, corrupted or foreign file.
 
     """
-    from safetensors import SafetensorError, safe_open
-
+    safetensors = _safetensors("load")
+    SafetensorError, safe_open = safetensors.SafetensorError, safetensors.safe_open  # noqa: N806
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FisherError(f"load: no file at {path!r}")
@@ -347,8 +357,8 @@ def read_header(path: str | os.PathLike) -> Header:
 
 
 def _read_tensors(path: str, header: Header, device: Any) -> dict[str, Tensor]:
-    from safetensors import SafetensorError, safe_open
-
+    safetensors = _safetensors("load")
+    SafetensorError, safe_open = safetensors.SafetensorError, safetensors.safe_open  # noqa: N806
     expected = header.fields.get("tensors", {})
     if sorted(expected) != sorted(header.keys):
         raise _refuse(path, "its tensors are not the ones its header lists")

@@ -7,6 +7,7 @@ import pathlib
 import random
 import re
 import signal
+import sys
 import time
 
 import pytest
@@ -317,6 +318,12 @@ def test_what_cannot_be_stored(tmp_path, obj, message):
     with pytest.raises(ffx.FisherError, match=message):
         save(tmp_path / "f.safetensors", obj)
     assert not list(tmp_path.iterdir())
+
+
+def test_without_safetensors_the_error_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors now raises ImportError
+    with pytest.raises(ffx.FisherError, match="save: fisherfx files need the safetensors package: pip install"):
+        save(tmp_path / "f.safetensors", ffx.Estimate({"w": torch.ones(2)}, torch.tensor(1)))
 
 
 def test_a_provenance_of_none_is_stored_as_unknown(tmp_path):
