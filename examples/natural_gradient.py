@@ -106,8 +106,10 @@ if __name__ == "__main__":
                   f"in {r['time'][-1]:.1f} s, test accuracy {r['accuracy']:.3f}")
         target = results[model_name, "SGD"]["curve"][-1][1]
         for method in ("Adam", "K-FAC"):
-            reached = next((s for s, v in results[model_name, method]["curve"] if v <= target), None)
-            print(f"{model_name:>4} {method:>5} reaches SGD's final loss {target:.4f} at step {reached}")
+            r = results[model_name, method]
+            reached = next(((s, t) for (s, v), t in zip(r["curve"], r["time"], strict=True) if v <= target), None)
+            print(f"{model_name:>4} {method:>5} reaches SGD's final loss {target:.4f} "
+                  + ("never" if reached is None else f"at step {reached[0]}, after {reached[1]:.2f} s"))
     try:
         import matplotlib
     except ImportError:

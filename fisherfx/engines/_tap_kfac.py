@@ -139,6 +139,8 @@ def _input_sums(uses: list[Use], request: FactorRequest, mask: Callable[[int], T
         return counts, torch.tensor(rows, dtype=torch.int64)
     reduce = request.mode == "reduce"
     xx = xs = None  # Σ x xᵀ and Σ x over counted rows (expand)
+    bordered = None  # whether the ones entry goes into xx as a column of the inputs (decided once)
+    total_rows = sum(u.a.shape[0] * u.a.shape[1] for u in uses)
     per_sample, weight = None, None  # reduce: Σ_p m x per sample, and its counted positions
     rows = 0
     for u in uses:
@@ -157,8 +159,15 @@ def _input_sums(uses: list[Use], request: FactorRequest, mask: Callable[[int], T
                 sums.append(x.sum(1))
                 continue
             flat = x.reshape((hi - lo) * p, x.shape[-1])
-            part, total = flat.T @ flat, flat.sum(0)
-            xx, xs = (part, total) if xx is None else (xx + part, xs + total)
+            if bordered is None:  # fewer rows than inputs: the column [x, 1] costs less than a bordered copy of A
+                bordered = request.ones and total_rows < flat.shape[1]
+            if bordered:
+                flat = torch.cat([flat, m[lo:hi].reshape(-1, 1).to(dtype)], 1)
+            part = flat.T @ flat
+            xx = part if xx is None else xx.add_(part)
+            if not bordered:
+                total = flat.sum(0)
+                xs = total if xs is None else xs + total
         if reduce:
             use_sum = torch.cat(sums)
             per_sample = use_sum if per_sample is None else per_sample + use_sum
@@ -166,7 +175,7 @@ def _input_sums(uses: list[Use], request: FactorRequest, mask: Callable[[int], T
         else:
             rows += int(m.sum())
     if not reduce:
-        a = _bordered(xx, xs, float(rows)) if request.ones else xx
+        a = _bordered(xx, xs, float(rows)) if request.ones and not bordered else xx
         return a, torch.tensor(rows, dtype=torch.int64)
     keep = weight > 0
     xbar = per_sample[keep] / weight[keep, None].to(dtype)
