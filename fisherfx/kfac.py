@@ -227,7 +227,7 @@ def kfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str =
                 names = (name, bias_of[name])
             else:  # the bias could not be served: the weight alone (drop the ones entry)
                 a = a[:-1, :-1]
-        a = a.div_(max(int(rows), 1))  # the engine's sums are fresh tensors: normalised in place
+        # the engine's A is a mean already; its G a fresh sum, normalised in place
         layers_[name] = Factors(names, a, s.G.div_(z), requests[name].factors.transposed, rows)
     fac = KFAC(layers_, diagonal, b.count, {n: params[n].shape for n in params}, mode, kind)
     _check_finite(where, fac)
@@ -235,12 +235,15 @@ def kfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str =
 
 
 def _check_finite(where: str, fac: KFAC) -> None:
-    every = [t.sum() for layer in fac.layers.values() for t in (layer.A, layer.G)]
+    """Raise for a non-finite factor or diagonal. A second moment's diagonal holds every non-finite entry's
+    row (``|M_ij| ≤ (M_ii M_jj)^{1/2}``), so the diagonals are checked (not a pass over a large ``A``).
+    """
+    every = [(t if t.ndim == 1 else t.diagonal()).sum() for layer in fac.layers.values() for t in (layer.A, layer.G)]
     every += [d.sum() for d in fac.diagonal.values()]
     if bool(torch.stack(every).isfinite().all()):  # one check for all; a sum is finite only when every entry is
         return
     for key, layer in fac.layers.items():
-        if not (bool(torch.isfinite(layer.A).all()) and bool(torch.isfinite(layer.G).all())):
+        if not all(bool(torch.isfinite(t if t.ndim == 1 else t.diagonal()).all()) for t in (layer.A, layer.G)):
             raise FisherError(f"{where}: non-finite Kronecker factors for layer {key!r} (inf or NaN in the model)")
     for name, d in fac.diagonal.items():
         if not bool(torch.isfinite(d).all()):
@@ -286,7 +289,8 @@ def _sandwich(left: Tensor, m: Tensor, right: Tensor) -> Tensor:
 
 def _eig_of(layer: Factors) -> Eigenbasis:
     """Eigendecompositions in the factors' own dtype (float32 factors: a float32 ``eigh``, several times faster
-    than float64 on large ``A``; the damping of every solve dominates its rounding)."""
+    than float64 on large ``A``; the damping of every solve dominates its rounding).
+    """
     if layer.A.ndim == 1:
         a_values, a_vectors = layer.A, None
     else:

@@ -7,17 +7,22 @@ fisherfx's engines.
 """
 
 import functools
+import importlib
 import math
+import pathlib
+import re
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import fisherfx as ffx
-from fisherfx import kfac as K
 from fisherfx import testing, vectors
 from fisherfx.spectrum import cg_solve
 from tests.cases import BY_NAME, CASES, LM_CASES, build, case_id
+
+# the module (the name ``fisherfx.kfac`` may also be the function once it is exported)
+K = importlib.import_module("fisherfx.kfac")
 
 F64 = torch.float64
 EXACT = {"rtol": 1e-10, "atol": 1e-13}  # the same sums in another order (float64)
@@ -502,6 +507,24 @@ def test_combine_of_a_split_batch_is_the_whole(mode, normalize):
     torch.testing.assert_close(K.kfac_dense(parts), K.kfac_dense(whole), **EXACT)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_size_equal_to_a_length(mode):
+    """``N = T``: the engine cuts the batch in two to tell samples from positions; the parts' factors add up to the
+    batch's (``A`` weighted by its rows)."""
+    model = seeded(Tagger)
+    x, y = randn(11, 4, 4, 4), torch.randint(0, 5, (4, 4), generator=gen(12))
+    y[1, 2:] = -100
+    problem, params = ffx.supervised(model, ffx.Categorical()), ffx.params_of(model)
+    whole = K.kfac(problem, params, (x, y), mode=mode, normalize="tokens", dtype=F64)
+    parts = K.kfac_combine([K.kfac(problem, params, (x[s], y[s]), mode=mode, normalize="tokens", dtype=F64)
+                            for s in (slice(0, 3), slice(3, 4))])
+    torch.testing.assert_close(K.kfac_dense(whole), K.kfac_dense(parts), **EXACT)
+    h = x.reshape(-1, 4)[(y != -100).reshape(-1)]
+    if mode == "expand":
+        xt = torch.cat([h, torch.ones(h.shape[0], 1, dtype=F64)], 1)
+        torch.testing.assert_close(whole.layers["hidden.weight"].A, xt.T @ xt / h.shape[0], **EXACT)
+
+
 def test_float32_by_default():
     b = build(BY_NAME["mlp-categorical"])
     fac = K.kfac(b.problem, b.params, b.batch)
@@ -561,3 +584,15 @@ def test_taps_only_names_the_layers_without_factors():
         K.kfac(problem, ffx.params_of(model), batch, engine="taps")
     fac = K.kfac(problem, ffx.params_of(model), batch, dtype=F64)  # auto: its diagonal
     assert "lin.weight" in fac.diagonal and "lin.bias" in fac.diagonal
+
+
+# --- the docs -------------------------------------------------------------------------------------
+
+DOC_SCRIPTS = re.findall(r"```python\n(.*?)```", (pathlib.Path(__file__).resolve().parents[1] / "docs" / "kfac.md")
+                         .read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(DOC_SCRIPTS)))
+def test_docs_scripts_run(index):
+    """The complete scripts of docs/kfac.md (``python`` fences) run and their assertions hold."""
+    exec(compile(DOC_SCRIPTS[index], f"docs/kfac.md[{index}]", "exec"), {})

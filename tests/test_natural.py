@@ -1,6 +1,7 @@
 """Natural gradients for each kind of curvature, and the pure K-FAC optimiser."""
 
 import functools
+import importlib
 
 import pytest
 import torch
@@ -8,11 +9,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 import fisherfx as ffx
-from fisherfx import kfac as K
 from fisherfx import testing, vectors
 from fisherfx.natural import KFACOptState, apply_updates, kfac_optimizer, natural_gradient
 from fisherfx.operators import ggn_vp
 from tests.cases import BY_NAME, build
+
+# the module (the name ``fisherfx.kfac`` may also be the function once it is exported)
+K = importlib.import_module("fisherfx.kfac")
 
 F64 = torch.float64
 LAMBDA = 0.1

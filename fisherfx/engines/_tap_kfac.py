@@ -7,12 +7,12 @@ output vector (:mod:`._tap_layers`). With ``x̃ = [x, 1]`` when the layer's bias
 ``m_{n,p} ∈ {0, 1}`` the mask of counted positions, the sums returned for one parameter are
 
 =======  ======================================  ===========================================
-mode     ``A`` (once, from the inputs)           ``G`` (per output vector ``r``)
+mode     ``A`` (once, from the inputs), a mean   ``G`` (per output vector ``r``), a sum
 =======  ======================================  ===========================================
-expand   ``Σ_{n,p} m x̃ x̃ᵀ``, count ``Σ m``       ``Σ_{n,p} m g gᵀ``
-reduce   ``Σ_n x̄_n x̄_nᵀ``, ``x̄_n`` the mean of   ``Σ_n ĝ_n ĝ_nᵀ``, ``ĝ_n = Σ_p m g``
-         ``x̃`` over the counted positions,
-         count: samples with one
+expand   ``Σ_{n,p} m x̃ x̃ᵀ / Σ m``                ``Σ_{n,p} m g gᵀ``
+reduce   ``Σ_n x̄_n x̄_nᵀ / M``, ``x̄_n`` the mean  ``Σ_n ĝ_n ĝ_nᵀ``, ``ĝ_n = Σ_p m g``
+         of ``x̃`` over the counted positions,
+         ``M`` the samples with one
 =======  ======================================  ===========================================
 
 summed over every call of the parameter (a module called twice, a weight tied between modules of
@@ -55,11 +55,11 @@ class FactorRequest(NamedTuple):
 
 
 class FactorSums(NamedTuple):
-    """Unnormalised factor sums of one parameter (see the module docstring)."""
+    """The factors of one parameter (see the module docstring): ``A`` as a mean over its rows, ``G`` a sum."""
 
-    A: Tensor  # [i, i] (i counts the ones entry), or [V] token counts for an Embedding
-    a_count: Tensor  # shape=(), int64: the rows A sums over
-    G: Tensor  # [o, o], summed over output vectors (not divided by their number)
+    A: Tensor  # [i, i] (i counts the ones entry), or [V] token frequencies for an Embedding: the mean over a_count
+    a_count: Tensor  # shape=(), int64: the rows A averages over
+    G: Tensor  # [o, o], summed over units and output vectors (not normalised)
 
 
 class FactorPlan(NamedTuple):
@@ -74,7 +74,9 @@ class FactorPlan(NamedTuple):
 def add(a: "Tensor | FactorSums", b: "Tensor | FactorSums") -> "Tensor | FactorSums":
     """The sum of two partial results of one parameter (tensors, or factor sums)."""
     if isinstance(a, FactorSums) and isinstance(b, FactorSums):
-        return FactorSums(a.A + b.A, a.a_count + b.a_count, a.G + b.G)
+        rows = a.a_count + b.a_count
+        weights = (float(a.a_count) / max(float(rows), 1.0), float(b.a_count) / max(float(rows), 1.0))
+        return FactorSums(weights[0] * a.A + weights[1] * b.A, rows, a.G + b.G)
     if isinstance(a, FactorSums) or isinstance(b, FactorSums):  # a part whose parameter was unused: zeros
         return a if isinstance(a, FactorSums) else b
     return a + b
@@ -123,66 +125,75 @@ def _step(units: int, per_unit: int) -> int:
     return max(1, min(units, BUDGET // max(per_unit, 1)))
 
 
-def _input_sums(uses: list[Use], request: FactorRequest, mask: Callable[[int], Tensor],
-                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(Σ A rows, rows)`` over all uses of the parameter (see the module docstring)."""
+def _input_moments(uses: list[Use], request: FactorRequest, mask: Callable[[int], Tensor],
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(A, rows)``: the mean of ``x̃ x̃ᵀ`` (expand) or ``x̄ x̄ᵀ`` (reduce) over the ``rows`` counted, over all
+    uses of the parameter (see the module docstring). The ``1/rows`` is applied inside the matrix products
+    (no extra pass over a large ``A``).
+    """
     units = uses[0].a.shape[0]
-    if uses[0].form == "index":  # Embedding: token counts of the counted positions (padding_idx: -1, no row)
-        size = uses[0].size[0]
-        counts = torch.zeros(size, dtype=dtype, device=uses[0].a.device)
-        rows = 0
-        for u in uses:
-            m = mask(u.a.shape[1])
+    masks = [mask(u.a.shape[1]) for u in uses]
+    if uses[0].form == "index":  # Embedding: token frequencies among the counted positions (padding_idx: -1)
+        counts = torch.zeros(uses[0].size[0], dtype=dtype, device=uses[0].a.device)
+        rows = sum(int(m.sum()) for m in masks)
+        for u, m in zip(uses, masks, strict=True):
             keep = (u.a >= 0) & (m > 0)
             counts.index_add_(0, u.a[keep], m[keep].to(dtype))
-            rows += int(m.sum())
-        return counts, torch.tensor(rows, dtype=torch.int64)
-    reduce = request.mode == "reduce"
-    xx = xs = None  # Σ x xᵀ and Σ x over counted rows (expand)
-    bordered = None  # whether the ones entry goes into xx as a column of the inputs (decided once)
-    total_rows = sum(u.a.shape[0] * u.a.shape[1] for u in uses)
-    per_sample, weight = None, None  # reduce: Σ_p m x per sample, and its counted positions
-    rows = 0
-    for u in uses:
+        return counts.div_(max(rows, 1)), torch.tensor(rows, dtype=torch.int64)
+    if request.mode == "reduce":
+        return _reduced_moments(uses, request, masks, dtype)
+    rows = sum(int(m.sum()) for m in masks)
+    alpha = 1.0 / max(rows, 1)
+    # fewer rows than inputs: the column [x, 1] costs less than a bordered copy of A
+    width = 0 if uses[0].form == "vector" else uses[0].size[0 if request.transposed else 1]
+    column = request.ones and sum(u.a.shape[0] * u.a.shape[1] for u in uses) < width
+    xx = xs = None
+    for u, m in zip(uses, masks, strict=True):
         p = u.a.shape[1]
-        m = mask(p)
         full = bool(m.all())
         step = _step(units, p * (sum(u.size) + 1))
-        sums = []
         for lo in range(0, units, step):
             hi = min(lo + step, units)
             x, g = _sides(u, request.transposed, lo, hi)
             x = g.new_zeros((hi - lo, p, 0), dtype=dtype) if x is None else x.to(dtype)
             if not full:
                 x = x * m[lo:hi, :, None].to(dtype)
-            if reduce:
-                sums.append(x.sum(1))
-                continue
             flat = x.reshape((hi - lo) * p, x.shape[-1])
-            if bordered is None:  # fewer rows than inputs: the column [x, 1] costs less than a bordered copy of A
-                bordered = request.ones and total_rows < flat.shape[1]
-            if bordered:
+            if column:
                 flat = torch.cat([flat, m[lo:hi].reshape(-1, 1).to(dtype)], 1)
-            part = flat.T @ flat
-            xx = part if xx is None else xx.add_(part)
-            if not bordered:
-                total = flat.sum(0)
+            if xx is None:
+                xx = torch.addmm(flat.new_zeros(()), flat.T, flat, beta=0, alpha=alpha)
+            else:
+                xx.addmm_(flat.T, flat, alpha=alpha)
+            if request.ones and not column:
+                total = flat.sum(0) * alpha
                 xs = total if xs is None else xs + total
-        if reduce:
-            use_sum = torch.cat(sums)
-            per_sample = use_sum if per_sample is None else per_sample + use_sum
-            weight = m.sum(1) if weight is None else weight + m.sum(1)
-        else:
-            rows += int(m.sum())
-    if not reduce:
-        a = _bordered(xx, xs, float(rows)) if request.ones and not bordered else xx
-        return a, torch.tensor(rows, dtype=torch.int64)
+    a = _bordered(xx, xs, float(rows > 0)) if request.ones and not column else xx
+    return a, torch.tensor(rows, dtype=torch.int64)
+
+
+def _reduced_moments(uses: list[Use], request: FactorRequest, masks: list[Tensor],
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Reduce: ``(1/M) Σ_n x̄_n x̄_nᵀ`` over the ``M`` samples with a counted position."""
+    units = uses[0].a.shape[0]
+    per_sample, weight = None, None  # Σ_p m x̃ per sample over all uses, and its counted positions
+    for u, m in zip(uses, masks, strict=True):
+        p = u.a.shape[1]
+        step = _step(units, p * (sum(u.size) + 1))
+        sums = []
+        for lo in range(0, units, step):
+            hi = min(lo + step, units)
+            x, g = _sides(u, request.transposed, lo, hi)
+            x = _with_ones(x, g, request.ones, dtype)
+            sums.append((x * m[lo:hi, :, None].to(dtype)).sum(1))
+        part = torch.cat(sums)
+        per_sample = part if per_sample is None else per_sample + part
+        weight = m.sum(1) if weight is None else weight + m.sum(1)
     keep = weight > 0
     xbar = per_sample[keep] / weight[keep, None].to(dtype)
-    a = xbar.T @ xbar
-    if request.ones:
-        a = _bordered(a, xbar.sum(0), float(keep.sum()))
-    return a, torch.tensor(int(keep.sum()), dtype=torch.int64)
+    rows = int(keep.sum())
+    a = torch.addmm(xbar.new_zeros(()), xbar.T, xbar, beta=0, alpha=1.0 / max(rows, 1))
+    return a, torch.tensor(rows, dtype=torch.int64)
 
 
 def make_plan(uses: list[Use], request: FactorRequest, dtype: torch.dtype,
@@ -207,7 +218,7 @@ def make_plan(uses: list[Use], request: FactorRequest, dtype: torch.dtype,
     if len(forms) > 1:
         raise RuntimeError(f"tap engine invariant broken: K-FAC factors of uses of forms {sorted(forms)} (please "
                            "report)")
-    a, rows = _input_sums(uses, request, mask, dtype)
+    a, rows = _input_moments(uses, request, mask, dtype)
 
     def post(g: Tensor) -> FactorSums:
         if g.ndim == 0:  # no output vector reached the parameter: G = 0
