@@ -14,6 +14,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import fisherfx as ffx
@@ -523,6 +525,45 @@ def test_batch_size_equal_to_a_length(mode):
     if mode == "expand":
         xt = torch.cat([h, torch.ones(h.shape[0], 1, dtype=F64)], 1)
         torch.testing.assert_close(whole.layers["hidden.weight"].A, xt.T @ xt / h.shape[0], **EXACT)
+
+
+class TokenTagger(nn.Module):
+    """Embedding → Linear → mixing over positions (a running mean) → Linear: ``[N, T]`` ids → ``[N, T, C]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.inp, self.out = nn.Embedding(7, 4), nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(self.embed(ids)))
+        steps = torch.arange(1, ids.shape[1] + 1, dtype=h.dtype)[:, None]
+        return self.out(h.cumsum(1) / steps)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 5), t=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), mode=st.sampled_from(MODES),
+       normalize=st.sampled_from(["samples", "tokens"]))
+def test_batch_invariances(n, t, seed, mode, normalize):
+    """Permuting the samples changes nothing; a batch equals the combination of its samples alone; every factor
+    is symmetric PSD."""
+    model = seeded(TokenTagger)
+    ids = torch.randint(0, 7, (n, t), generator=gen(seed))
+    y = torch.randint(0, 3, (n, t), generator=gen(seed + 1))
+    drop = torch.rand(n, t, generator=gen(seed + 2)) < 0.3
+    drop[:, 0] = False  # every row keeps an active position
+    y[drop] = -100
+    problem, params = ffx.supervised(model, ffx.Categorical()), ffx.params_of(model)
+    options = dict(kind="exact", mode=mode, normalize=normalize, dtype=F64)
+    whole = K.kfac(problem, params, (ids, y), **options)
+    order = torch.randperm(n, generator=gen(seed + 3))
+    permuted = K.kfac(problem, params, (ids[order], y[order]), **options)
+    alone = K.kfac_combine([K.kfac(problem, params, (ids[i:i + 1], y[i:i + 1]), **options) for i in range(n)])
+    dense = K.kfac_dense(whole)
+    torch.testing.assert_close(K.kfac_dense(permuted), dense, **EXACT)
+    torch.testing.assert_close(K.kfac_dense(alone), dense, **EXACT)
+    for key, layer in whole.layers.items():
+        assert_psd(layer.A, f"{key}: A")
+        assert_psd(layer.G, f"{key}: G")
 
 
 def test_float32_by_default():
