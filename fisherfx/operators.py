@@ -18,8 +18,9 @@ How: one forward with tangents (:func:`torch.func.jvp`) gives the outputs ``f`` 
 whole batch; the output-space cotangent ``u`` (``H J v``, or ``∇_f ℓ · (∇ℓᵀ v)``) is formed in closed
 form; one backward through the same forward gives ``Jᵀ u``. ``K`` vectors at once (a leading axis on
 every ``v[name]``) share the forward: the tangents are batched with :func:`torch.func.vmap`, the
-backward with ``is_grads_batched``. :func:`hvp` is reverse over reverse: the backward of the
-gradient (built with ``create_graph``) along ``v``, measured faster on CPU than ``jvp`` of ``grad``.
+pull-back vmapped over a :func:`torch.func.vjp`. :func:`hvp` of one vector is reverse over reverse
+(the backward of the gradient, built with ``create_graph``, along ``v``: measured faster on CPU than
+``jvp`` of ``grad``); of ``K`` vectors forward over reverse, the tangents batched over one primal.
 
 Attention: ``torch``'s fused SDPA kernels have no forward-mode derivative on some devices, so the
 products run under the math SDPA backend (:func:`torch.nn.attention.sdpa_kernel`).
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from ._errors import FisherError
 from .engines import taps
@@ -84,28 +85,34 @@ def _forward(where: str, problem: Problem, prepared: Prepared) -> Any:
 
 
 def _push(where: str, problem: Problem, params: Vector, prepared: Prepared, v: Vector,
-          k: int | None) -> tuple[Vector, Tensor, Tensor]:
-    """``(leaves, f, J v)``: the outputs ``f`` ``[N, T, C]`` with their graph to ``leaves`` and the
-    tangents ``J v`` ``[(K,) N, T, C]``, from one forward.
+          k: int | None) -> tuple[Tensor, Tensor, Any]:
+    """``(f, J v, pull)``: the outputs ``f`` ``[N, T, C]``, the tangents ``J v`` ``[(K,) N, T, C]`` and
+    ``pull(u) = Jᵀ u`` for cotangents ``u`` shaped like ``J v``.
+
+    One vector: one forward with tangents whose primal keeps its autograd graph, so ``pull`` is one
+    backward through it. ``K`` vectors: ``torch.func.vjp`` (a forward) and the ``K`` tangents batched
+    over one shared primal, ``pull`` vmapped over the vjp: a backward vmapped by ``is_grads_batched``
+    over the graph of a ``jvp`` measured slower than ``K`` backwards, a vmapped ``vjp`` faster.
     """
-    leaves = _leaves(params)
     forward = _forward(where, problem, prepared)
-    with torch.enable_grad():
-        if k is None:
+    if k is None:
+        leaves = _leaves(params)
+        with torch.enable_grad():
             out, jv = jvp(forward, (leaves,), (v,))
-        else:
-            out, jv = vmap(lambda t: jvp(forward, (leaves,), (t,)), out_dims=(None, 0))(v)
+
+        def pull(u: Tensor) -> Vector:
+            grads = torch.autograd.grad(out, list(leaves.values()), u.to(out.dtype), allow_unused=True)
+            return {name: torch.zeros_like(p) if g is None else g
+                    for (name, p), g in zip(leaves.items(), grads, strict=True)}
+    else:
+        primals = {name: p.detach() for name, p in params.items()}
+        out, vjp_fn = vjp(forward, primals)
+        jv = vmap(lambda t: jvp(forward, (primals,), (t,))[1])(v)
+
+        def pull(u: Tensor) -> Vector:
+            return vmap(vjp_fn)(u.to(out.dtype))[0]
     taps.check_outputs(where, problem, out.detach(), prepared)
-    return leaves, out, jv
-
-
-def _pull(leaves: Vector, out: Tensor, cotangent: Tensor, k: int | None) -> Vector:
-    """``Jᵀ u`` for the cotangent ``u`` ``[(K,) N, T, C]``: one backward through ``out``'s graph."""
-    grads = torch.autograd.grad(out, list(leaves.values()), cotangent.to(out.dtype), allow_unused=True,
-                                is_grads_batched=k is not None)
-    lead = () if k is None else (k,)
-    return {name: torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
-            for (name, p), g in zip(leaves.items(), grads, strict=True)}
+    return out, jv, pull
 
 
 def _ggn_cotangent(problem: Problem, out: Tensor, jv: Tensor, prepared: Prepared, **_: Any) -> Tensor:
@@ -129,6 +136,21 @@ def _gradient_cotangent(problem: Problem, out: Tensor, jv: Tensor, prepared: Pre
     return (a_ * along[..., None]).sum(0) / a.shape[0]
 
 
+def _convolutional(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def _vectors(problem: Problem, tangents: Vector, k: int | None, one: Any) -> Vector:
+    """``one(tangents, k)``, or for a model with convolutions ``K`` calls ``one(t_i, None)`` stacked:
+    vmap's rule for a convolution with batched weights is slower on CPU than ``K`` products (measured
+    1.5-2.3x the cost of ``K`` calls on the CNN workload), unlike that of a linear layer.
+    """
+    if k is None or not _convolutional(problem.model):
+        return one(tangents, k)
+    parts = [one({name: t[i] for name, t in tangents.items()}, None) for i in range(k)]
+    return {name: torch.stack([p[name] for p in parts]) for name in parts[0]}
+
+
 def _fisher_product(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
                     normalize: str, cotangent: Any, kind: str = "exact", per: str = "sample", n_samples: int = 1,
                     generator: torch.Generator | None = None) -> Vector:
@@ -139,9 +161,11 @@ def _fisher_product(where: str, problem: Problem, params: Mapping[str, Tensor], 
     tangents = _tangents(v, params)
 
     def product(prepared: Prepared, noise: Tensor | None) -> Vector:
-        leaves, out, jv = _push(where, problem, params, prepared, tangents, k)
-        u = cotangent(problem, out, jv, prepared, kind=kind, per=per, noise=noise)
-        return _pull(leaves, out, u, k)
+        def one(t: Vector, k: int | None) -> Vector:
+            out, jv, pull = _push(where, problem, params, prepared, t, k)
+            return pull(cotangent(problem, out, jv, prepared, kind=kind, per=per, noise=noise))
+
+        return _vectors(problem, tangents, k, one)
 
     return _accumulate(where, problem, params, batch, normalize, product, kind, n_samples, generator)
 
@@ -296,22 +320,34 @@ def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[s
     tangents = _tangents(v, params)
 
     def product(prepared: Prepared, noise: Tensor | None) -> Vector:
-        leaves = _leaves(params)
-        with torch.enable_grad():
-            out = _forward(where, problem, prepared)(leaves)
-            taps.check_outputs(where, problem, out.detach(), prepared)  # before the loss reads the targets
-            gradient = torch.autograd.grad(summed_nll(problem, out, prepared), list(leaves.values()),
-                                           create_graph=True, allow_unused=True)
-        lead = () if k is None else (k,)
-        hv = {name: torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device) for name, p in leaves.items()}
-        # the gradient's own gradient along v; entries whose gradient is constant in θ have a zero block
-        live = [(name, g) for name, g in zip(leaves, gradient, strict=True) if g is not None and g.requires_grad]
-        if live:
-            second = torch.autograd.grad([g for _, g in live], list(leaves.values()),
-                                         [tangents[name] for name, _ in live], allow_unused=True,
-                                         is_grads_batched=k is not None)
-            hv.update({name: h for name, h in zip(leaves, second, strict=True) if h is not None})
-        return hv
+        forward = _forward(where, problem, prepared)
+
+        def loss(values: Mapping[str, Tensor]) -> Tensor:
+            out = forward(values)
+            taps.check_outputs(where, problem, out, prepared)  # shapes and targets only; before the loss reads them
+            return summed_nll(problem, out, prepared)
+
+        def one(t: Vector, k: int | None) -> Vector:
+            if k is not None:  # forward over reverse, the K tangents batched over one primal forward and backward
+                primals = {name: p.detach() for name, p in params.items()}
+                return vmap(lambda u: jvp(grad(loss), (primals,), (u,))[1])(t)
+            return second_order(t)
+
+        def second_order(t: Vector) -> Vector:
+            leaves = _leaves(params)  # one vector: reverse over reverse, measured faster on CPU than jvp of grad
+            with torch.enable_grad():
+                gradient = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=True,
+                                               allow_unused=True)
+            hv = {name: torch.zeros_like(p) for name, p in leaves.items()}
+            # the gradient's own gradient along v; entries whose gradient is constant in θ have a zero block
+            live = [(name, g) for name, g in zip(leaves, gradient, strict=True) if g is not None and g.requires_grad]
+            if live:
+                second = torch.autograd.grad([g for _, g in live], list(leaves.values()),
+                                             [t[name] for name, _ in live], allow_unused=True)
+                hv.update({name: h for name, h in zip(leaves, second, strict=True) if h is not None})
+            return hv
+
+        return _vectors(problem, tangents, k, one)
 
     return _accumulate(where, problem, params, batch, normalize, product, "exact", 1, None)
 

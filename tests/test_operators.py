@@ -109,7 +109,9 @@ def test_k_vectors_equal_k_calls(case: Case, which: str):
     batched = product(which, b, v)
     for i in range(K):
         single = product(which, b, {k: x[i] for k, x in v.items()})
-        assert_tree_close({k: x[i] for k, x in batched.items()}, single, rtol=1e-12, atol=1e-14)
+        # hvp: forward over reverse for K vectors, reverse over reverse for one (rounding differs)
+        tol = tolerance(case, single) if case.tol is FLOAT32_NORM_TOL else {"rtol": 1e-10, "atol": 1e-13}
+        assert_tree_close({k: x[i] for k, x in batched.items()}, single, **tol)
 
 
 # --- diagonals are the estimators' values ----------------------------------------------------------
