@@ -18,7 +18,29 @@ from .groups import (
 )
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 from .losses import nll
-from .metrics import Capacity, Flatness, Sharpness, capacity_report, flatness, sharpness
+from .metrics import (
+                      Capacity,
+                      Damage,
+                      Flatness,
+                      Overlap,
+                      Selection,
+                      Sharpness,
+                      SweepRecord,
+                      WeightedDamage,
+                      capacity_report,
+                      concentrated_perturbation,
+                      ewc_penalty,
+                      fisher_merge,
+                      fisher_overlap,
+                      fisher_weighted_damage,
+                      flatness,
+                      percolation_sweep,
+                      perturbation_damage,
+                      risk_correlation,
+                      risk_score,
+                      sharpness,
+                      to_csv,
+)
 from .operators import empirical_fisher_vp, fisher_vp, ggn_vp, hvp, mc_fisher_vp
 from .problems import Prepared, Problem, causal_lm, left_align, model_call, params_of, supervised
 from .spectrum import (
@@ -95,6 +117,23 @@ __all__ = [
     "capacity_report",
     "flatness",
     "sharpness",
+    # percolation: perturbations, their risk and damage
+    "Damage",
+    "Selection",
+    "SweepRecord",
+    "concentrated_perturbation",
+    "percolation_sweep",
+    "perturbation_damage",
+    "risk_correlation",
+    "risk_score",
+    "to_csv",
+    # forgetting and merging
+    "Overlap",
+    "WeightedDamage",
+    "ewc_penalty",
+    "fisher_merge",
+    "fisher_overlap",
+    "fisher_weighted_damage",
     # which engine serves what
     "Explanation",
     "Served",
