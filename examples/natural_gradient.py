@@ -102,13 +102,13 @@ if __name__ == "__main__":
     for model_name in MODELS:
         for method in ("SGD", "Adam", "K-FAC"):
             r = results[model_name, method] = train(model_name, method)
-            print(f"{model_name:>4} {method:>5}: final training loss {r['curve'][-1][1]:.4f} after {STEPS} steps "
+            print(f"{model_name:>4} {method:>5}: final training loss {r['curve'][-1][1]:.3g} after {STEPS} steps "
                   f"in {r['time'][-1]:.1f} s, test accuracy {r['accuracy']:.3f}")
         target = results[model_name, "SGD"]["curve"][-1][1]
         for method in ("Adam", "K-FAC"):
             r = results[model_name, method]
             reached = next(((s, t) for (s, v), t in zip(r["curve"], r["time"], strict=True) if v <= target), None)
-            print(f"{model_name:>4} {method:>5} reaches SGD's final loss {target:.4f} "
+            print(f"{model_name:>4} {method:>5} reaches SGD's final loss {target:.3g} "
                   + ("never" if reached is None else f"at step {reached[0]}, after {reached[1]:.2f} s"))
     try:
         import matplotlib

@@ -30,7 +30,9 @@ from .kfac import (
     kfac_ema_init,
     kfac_ema_update,
     kfac_ema_value,
+    kfac_inverse,
     kfac_solve,
+    kfac_vp,
 )
 from .problems import Problem
 from .spectrum import cg_solve
@@ -100,7 +102,8 @@ class KFACOptState(NamedTuple):
 
     step: Tensor  # shape=(), int64: updates so far
     factors: KFACEMAState | None  # EMAs of the factors; None before the first update
-    inverse: KFAC | None  # the averaged factors whose eigendecomposition the solves use (refreshed every inverse_every)
+    inverse: KFAC | None  # refreshed every inverse_every: the damped inverse factors ("pi"), or the averaged
+    # factors with their eigendecomposition ("tikhonov")
     momentum: dict[str, Tensor] | None  # the velocity, with momentum > 0
 
 
@@ -120,14 +123,17 @@ def _every(where: str, option: str, value: Any) -> int:
 def kfac_optimizer(problem: Problem, lr: float = 0.3, damping: float = 1e-2, decay: float = 0.95,
                    curvature_every: int = 1, inverse_every: int = 10, kind: str = "mc", momentum: float = 0.0,
                    kl_clip: float | None = 1e-2, mode: str = "expand", normalize: str = "samples",
-                   damping_kind: str = "tikhonov", seed: int = 0, dtype: torch.dtype = torch.float32) -> KFACOptimizer:
+                   damping_kind: str = "pi", seed: int = 0, dtype: torch.dtype = torch.float32) -> KFACOptimizer:
     """K-FAC as an optax-style optimiser: preconditioned steps ``Δθ = −η ν (F̂ + λI)⁻¹ g``.
 
     Every ``curvature_every`` steps the factors of the batch (:func:`~fisherfx.kfac.kfac`, ``kind``) enter their EMA
-    (decay ``β``, bias-corrected); every ``inverse_every`` steps the averaged factors are eigendecomposed; every
-    step solves with the latest decomposition. ``ν = min(1, sqrt(c / (η² g̃ᵀ g)))`` with ``c = kl_clip`` bounds
-    the predicted change of the model's distribution (Ba et al. 2017; ``None``: ``ν = 1``). With ``momentum``
-    ``μ``: ``v ← μ v + ν g̃``, ``Δθ = −η v``.
+    (decay ``β``, bias-corrected); every ``inverse_every`` steps the averaged factors are inverted: with
+    ``damping_kind="pi"`` (default, Martens & Grosse 2015) into the damped inverse factors of
+    :func:`~fisherfx.kfac.kfac_inverse` (each step then costs two matrix products per layer), with ``"tikhonov"``
+    into eigendecompositions for the exact ``(F̂ + λI)⁻¹`` (four); every step solves with the latest inverse.
+    ``ν = min(1, sqrt(c / (η² g̃ᵀ g)))`` with ``c = kl_clip`` bounds the predicted change of the model's
+    distribution (Ba et al. 2017; ``None``: ``ν = 1``). With ``momentum`` ``μ``: ``v ← μ v + ν g̃``,
+    ``Δθ = −η v``.
 
     Args:
         problem: the problem the factors are computed on (the batches passed to ``update``).
@@ -140,7 +146,7 @@ def kfac_optimizer(problem: Problem, lr: float = 0.3, damping: float = 1e-2, dec
         kl_clip: ``c > 0`` or ``None``.
         mode, normalize: as :func:`~fisherfx.kfac.kfac` (``normalize="samples"`` matches a loss averaged over
             samples, ``"tokens"`` one averaged over tokens).
-        damping_kind: ``"tikhonov"`` or ``"pi"``.
+        damping_kind: ``"pi"`` or ``"tikhonov"`` (see :func:`~fisherfx.kfac.kfac_solve`).
         seed: MC labels at step ``k`` come from a generator seeded with ``(seed, k)``: runs are reproducible.
         dtype: the factors' accumulation dtype.
 
@@ -182,10 +188,11 @@ def kfac_optimizer(problem: Problem, lr: float = 0.3, damping: float = 1e-2, dec
                        dtype=dtype)
             ema = kfac_ema_update(kfac_ema_init(fac, decay) if ema is None else ema, fac)
         if step % inverse_every == 0 or inverse is None:
-            inverse = kfac_eig(kfac_ema_value(ema))
+            value = kfac_ema_value(ema)
+            inverse = kfac_inverse(value, lam) if damping_kind == "pi" else kfac_eig(value)
         like = {name: torch.empty(shape, device="meta") for name, shape in inverse.shapes.items()}
         g, _ = check_vector(f"{where}.update", grads, like, option="grads", batched=False)
-        nat = kfac_solve(inverse, g, lam, damping_kind)
+        nat = kfac_vp(inverse, g) if damping_kind == "pi" else kfac_solve(inverse, g, lam)
         scale = 1.0
         if kl_clip is not None:
             predicted = float(dot(nat, g)) * lr**2

@@ -431,6 +431,17 @@ def test_pi_damping(name):
         torch.testing.assert_close(K._join(layer, got, fac.shapes), want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", OPS_CASES)
+def test_inverse_is_the_pi_solve(name):
+    fac = case_kfac(name, "empirical", "expand")
+    v = flat_vector(fac, 6)
+    inverse = K.kfac_inverse(fac, LAMBDA)
+    testing.assert_tree_close(K.kfac_vp(inverse, v), K.kfac_solve(fac, v, LAMBDA, damping_kind="pi"),
+                              rtol=1e-9, atol=1e-12)
+    testing.assert_tree_close(K.kfac_vp(K.kfac_inverse(K.kfac_eig(fac), LAMBDA), v), K.kfac_vp(inverse, v),
+                              rtol=1e-9, atol=1e-12)
+
+
 def test_kfac_as_a_matvec_for_cg():
     fac = case_kfac("mlp-categorical", "exact", "expand")
     v = flat_vector(fac, 3)
@@ -602,6 +613,12 @@ def test_bad_input():
         K.kfac_ema_value(state)
     with pytest.raises(ffx.FisherError, match="expected a KFAC"):
         K.kfac_vp(v, v)
+    with pytest.raises(ffx.FisherError, match="kfac_inverse: damping must be a finite number > 0"):
+        K.kfac_inverse(fac, 0.0)
+    with pytest.raises(ffx.FisherError, match="EKFAC eigenvalues, which are not a Kronecker product"):
+        K.kfac_inverse(K.ekfac(b.problem, b.params, b.batch, dtype=F64), 0.1)
+    with pytest.raises(ffx.FisherError, match="damping_kind='pi' damps Kronecker factors"):
+        K.kfac_solve(K.ekfac(b.problem, b.params, b.batch, dtype=F64), v, 0.1, damping_kind="pi")
 
 
 def test_taps_only_names_the_layers_without_factors():
