@@ -36,7 +36,16 @@ if str(HERE) not in sys.path:
 import report  # noqa: E402
 import run  # noqa: E402
 
-from fisherfx.kfac import kfac, kfac_eig, kfac_ema_init, kfac_ema_update, kfac_ema_value, kfac_solve  # noqa: E402, I001
+from fisherfx.kfac import (  # noqa: E402
+    kfac,
+    kfac_eig,
+    kfac_ema_init,
+    kfac_ema_update,
+    kfac_ema_value,
+    kfac_inverse,
+    kfac_solve,
+    kfac_vp,
+)
 from fisherfx.natural import apply_updates, kfac_optimizer  # noqa: E402
 
 ROOT = HERE.parent
@@ -213,19 +222,21 @@ def measure(key: str, args: argparse.Namespace) -> list[dict]:
 
 
 def step_parts(w: run.Workload) -> list[tuple[str, Callable, int]]:
-    """``(part, fn, steps per call)`` of one K-FAC step: the gradient, the factors, their EMA update, the
-    eigendecomposition (one per ``inverse_every = 10`` steps) and the solve."""
+    """``(part, fn, steps per call)`` of one K-FAC step at the defaults: the gradient, the factors, their EMA update,
+    the damped inverse (one per ``inverse_every = 10`` steps) and the solve with it."""
     fac = kfac(w.problem, w.params, w.batch, kind="mc", generator=torch.Generator().manual_seed(0))
     state = kfac_ema_update(kfac_ema_init(fac, 0.95), fac)
-    inverse = kfac_eig(kfac_ema_value(state))
+    inverse = kfac_inverse(kfac_ema_value(state), 1e-2)
+    eig = kfac_eig(kfac_ema_value(state))
     g = grad(lambda p, x, y: _loss(w, p, x, y))(w.params, w.x, w.y)
     gradient = grad(lambda p, x, y: _loss(w, p, x, y))
     return [("gradient (torch.func.grad)", lambda: gradient(w.params, w.x, w.y), 1),
             ("factors (kfac, MC)", lambda: kfac(w.problem, w.params, w.batch, kind="mc",
                                                  generator=torch.Generator().manual_seed(0)), 1),
             ("EMA update", lambda: kfac_ema_update(state, fac), 1),
-            ("eigendecomposition (÷ 10)", lambda: kfac_eig(kfac_ema_value(state)), STEPS),
-            ("solve (kfac_solve)", lambda: kfac_solve(inverse, g, 1e-2), 1)]
+            ("damped inverse, kfac_inverse (÷ 10)", lambda: kfac_inverse(kfac_ema_value(state), 1e-2), STEPS),
+            ("solve, kfac_vp of the inverse", lambda: kfac_vp(inverse, g), 1),
+            ("solve, kfac_solve (tikhonov; not in the default step)", lambda: kfac_solve(eig, g, 1e-2), 1)]
 
 
 def _fmt(x: float | None, spec: str) -> str:
