@@ -258,7 +258,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ranks")
-    context = multiprocessing.get_context("fork")  # the workers start with torch and fisherfx loaded
+    # not fork: a forked worker of a parent whose OpenMP pool is running (any earlier test with a large tensor
+    # op) can hang in its first parallel region. A fork server is a fresh process that imports this module
+    # once (torch included) and forks both workers from there.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
     port = _free_port()
     workers = [context.Process(target=_worker, args=(rank, port, str(folder / f"{rank}.json")), daemon=True)
                for rank in range(WORLD)]

@@ -258,6 +258,7 @@ def test_a_failed_write_leaves_the_previous_file(made, tmp_path):
 
 def _write_forever(path: str, versions: list) -> None:
     """The writer: alternate between the versions until killed."""
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (save needs none anyway)
     while True:
         for v in versions:
             save(path, v)
