@@ -5,8 +5,8 @@ writes into its inputs.
 
 Every estimate and state carries its :class:`Provenance`, the options that made it. Combining
 (:func:`combine`, :func:`ema_update`, :func:`sum_update`, and ``all_reduce``) checks that the parts
-measure the same thing: the same ``quantity``, ``kind``, ``per``, ``normalize`` and group spec, or
-raises a :class:`FisherError` naming the field and both values. A field that is ``"unknown"``
+measure the same thing: the same ``quantity``, ``kind``, ``per``, ``normalize``, group spec and
+grouped parameters' shapes, or raises a :class:`FisherError` naming the field and both values. A field that is ``"unknown"``
 (an ``Estimate(value, count)`` built by hand) is compatible with anything and the result takes the
 known value. ``n_samples`` and ``dtype`` are recorded, not checked: parts that differ in them give
 ``"mixed"``.
@@ -25,6 +25,7 @@ Values = dict[str, Tensor]
 
 UNKNOWN = "unknown"  # a provenance field nobody recorded: compatible with any value
 MIXED = "mixed"  # a recorded-only field (n_samples, dtype) on which combined parts differ
+
 
 class Provenance(NamedTuple):
     """What an estimate measures and how: the options of the estimator that made it.
