@@ -11,8 +11,9 @@ or a ``{task: state}`` dict of them. Any safetensors reader sees the tensors und
 The safetensors metadata holds ``"format": "fisherfx"``, the header as JSON under ``"fisherfx"`` and
 its CRC-32 under ``"fisherfx_crc32"``. The header: ``format_version``, ``type``, ``fisherfx_version``,
 ``torch_version``, the user's ``metadata``, and per state its ``provenance``, ``count`` (or ``decay`` and
-``step``), ``params`` (``{name: {"key", "shape"}}``: names and value shapes) and ``tensors``
-(``{key: {"shape", "dtype", "crc32"}}``), so that a truncated or corrupted file is refused, never read.
+``step``), ``params`` (``{name: {"key", "shape"}}``: names and value shapes; in a dict file each task's
+keys follow its ``prefix``, ``"<task>/"``) and ``tensors`` (``{file key: {"shape", "dtype", "crc32"}}``),
+so that a truncated or corrupted file is refused, never read. A codec sees its own keys, without the prefix.
 
 Writes are atomic: the file is written under a temporary name in the same folder, flushed to disk
 (``fsync``), renamed over the target (``os.replace``) and the folder synced. A writer killed at any
@@ -21,9 +22,10 @@ moment leaves the previous file as it was (and at worst a ``.<name>.<random>.tmp
 **Extension point.** Each storable type is a :class:`Codec` in :data:`CODECS`: its ``name`` (the
 header's ``type``), the Python ``type``, ``encode(obj) -> (tensors by key, JSON-able fields)``,
 ``decode(tensors, fields) -> obj`` and ``differences(obj, params, partial) -> [messages]`` for
-``load(params=...)``. A new type (K-FAC factors) adds its codec to :data:`CODECS`; its NamedTuple should
-live where this module can import it without an engine (as ``state`` does), and its keys should follow
-the ones above (``"<layer>|A"``, ``"<layer>|G"``, say).
+``load(params=...)``. A new type (K-FAC factors) adds its codec to :data:`CODECS`. This module imports no
+engine, so a type defined beside one (``fisherfx.kfac.KFAC``) is named by its ``"module.QualName"`` string
+and its ``decode`` imports the module when called. Its keys should follow the ones above
+(``"<layer>|A"``, ``"<layer>|G"``, say).
 """
 
 import contextlib
@@ -51,7 +53,7 @@ class Codec(NamedTuple):
     """How one type is stored: see the module docstring."""
 
     name: str
-    type: type
+    type: "type | str"  # the class, or its "module.QualName" (matched by name: nothing is imported for it)
     encode: Callable[[Any], tuple[dict[str, Tensor], dict[str, Any]]]
     decode: Callable[[dict[str, Tensor], dict[str, Any]], Any]
     differences: Callable[[Any, Mapping[str, Tensor], bool], list[str]]
@@ -126,7 +128,8 @@ CODECS: list[Codec] = [
 
 
 def _codec_of(obj: Any) -> Codec | None:
-    return next((c for c in CODECS if type(obj) is c.type), None)
+    kind = type(obj)
+    return next((c for c in CODECS if kind is c.type or c.type == f"{kind.__module__}.{kind.__qualname__}"), None)
 
 
 def _codec_named(name: Any) -> Codec:
@@ -265,8 +268,8 @@ def save(path: str | os.PathLike, obj: "State | Mapping[str, State]", metadata: 
         metadata: JSON-able ``{key: value}`` of your own (model name, data, commit), stored in the header.
 
     Raises:
-        FisherError: a type it cannot store, a non-string task name, metadata that is not JSON-able, or
-            two tensors under one key.
+        FisherError: a type it cannot store, a task name that is not a string or holds ``"/"``, metadata
+            that is not JSON-able, or two tensors under one key.
 
     """
     where = "save"
@@ -278,8 +281,9 @@ def save(path: str | os.PathLike, obj: "State | Mapping[str, State]", metadata: 
         tensors: dict[str, Tensor] = {}
         header["type"], header["tasks"] = "tasks", {}
         for task, state in obj.items():
-            if not isinstance(task, str):
-                raise FisherError(f"{where}: task names must be strings, got {task!r}")
+            if not isinstance(task, str) or "/" in task:
+                raise FisherError(f"{where}: task names must be strings without '/' (the separator of task and key "
+                                  f"in the file), got {task!r}")
             entry_tensors, fields = _entry(where, state, f"task {task!r}")
             keys = {key: f"{task}/{key}" for key in entry_tensors}
             for key, full in keys.items():
@@ -287,9 +291,7 @@ def save(path: str | os.PathLike, obj: "State | Mapping[str, State]", metadata: 
                     raise FisherError(f"{where}: two tensors would be stored under the key {full!r}; rename task "
                                       f"{task!r}")
                 tensors[full] = entry_tensors[key]
-            for p in fields.get("params", {}).values():
-                p["key"] = keys[p["key"]]
-            header["tasks"][task] = fields
+            header["tasks"][task] = {"prefix": f"{task}/", **fields}
     else:
         tensors, fields = _entry(where, obj, "an object")
         header.update(fields)
@@ -404,10 +406,12 @@ def load(path: str | os.PathLike, params: Mapping[str, Tensor] | None = None, *,
     fields = header.fields
     try:
         if fields.get("type") == "tasks":
-            entries = dict(fields["tasks"])
-            decoded = {task: _codec_named(e["type"]).decode(tensors, e) for task, e in entries.items()}
+            decoded = {}
+            for task, e in fields["tasks"].items():
+                prefix = e["prefix"]  # the codec sees its own keys
+                own = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+                decoded[task] = _codec_named(e["type"]).decode(own, e)
         else:
-            entries = {"": fields}
             decoded = {"": _codec_named(fields.get("type")).decode(tensors, fields)}
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise _refuse(path, f"its header does not describe its contents ({type(err).__name__}: {err})") from None

@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_round_trip(made, tmp_path, name):
 
 
 def test_round_trip_of_tasks(made, tmp_path):
-    tasks = {"sin": made["ema"], "cos": made["heads"], "all/of it": made["sums"]}
+    tasks = {"sin": made["ema"], "cos": made["heads"], "all of it": made["sums"]}
     save(tmp_path / "t.safetensors", tasks, metadata={"model": "tiny", "steps": [1, 2]})
     got = load(tmp_path / "t.safetensors")
     assert list(got) == list(tasks)
@@ -102,7 +103,7 @@ def test_a_plain_safetensors_reader_sees_flat_keys(made, tmp_path):
     assert a["type"] == "Estimate" and a["count"] == int(made["heads"].count)
     assert a["provenance"]["kind"] == "empirical" and a["provenance"]["per"] == "token"
     assert a["provenance"]["groups"]["attn.q_proj.weight"] == {"pattern": "(h d) i -> h", "sizes": {"h": 2}}
-    assert a["params"]["attn.q_proj.weight"] == {"key": "a/attn.q_proj.weight|h", "shape": [2]}
+    assert a["prefix"] == "a/" and a["params"]["attn.q_proj.weight"] == {"key": "attn.q_proj.weight|h", "shape": [2]}
 
 
 def test_header_of_an_ema(made, tmp_path):
@@ -313,7 +314,9 @@ def test_a_writer_killed_mid_save_leaves_a_loadable_file(tmp_path):
     ({"w": torch.ones(2)}, r"save: cannot store task 'w' of type Tensor"),
     (torch.ones(2), r"save: cannot store an object of type Tensor; expected one of \['Estimate', 'EMAState', "
                     r"'SumState'\] or a \{task: state\} dict"),
-    ({1: ffx.Estimate({"w": torch.ones(2)}, torch.tensor(1))}, r"save: task names must be strings, got 1"),
+    ({1: ffx.Estimate({"w": torch.ones(2)}, torch.tensor(1))}, r"save: task names must be strings without '/' .*"
+                                                                r", got 1"),
+    ({"a/b": ffx.Estimate({"w": torch.ones(2)}, torch.tensor(1))}, r"task names must be strings without '/'"),
 ])
 def test_what_cannot_be_stored(tmp_path, obj, message):
     with pytest.raises(ffx.FisherError, match=message):
@@ -337,6 +340,29 @@ def test_tied_values_are_stored_twice(tmp_path):
     est = ffx.Estimate({"a": shared, "b": shared}, torch.tensor(1))
     save(tmp_path / "f.safetensors", est)
     assert_same(load(tmp_path / "f.safetensors"), est)
+
+
+def test_a_codec_can_name_its_type_without_importing_it(tmp_path, monkeypatch):
+    # the extension point: a type registered by "module.QualName", as K-FAC factors would be
+    import fisherfx.io as io
+
+    def encode(obj):
+        return {"x|A": obj.value["x"]}, {"count": int(obj.count)}
+
+    def decode(tensors, fields):
+        return ffx.Estimate({"x": tensors["x|A"]}, torch.tensor(fields["count"]))
+
+    codec = io.Codec("Toy", f"{ToyFactors.__module__}.{ToyFactors.__qualname__}", encode, decode,
+                     lambda obj, params, partial: [])
+    monkeypatch.setattr(io, "CODECS", [*io.CODECS, codec])
+    save(tmp_path / "toy.safetensors", {"t": ToyFactors({"x": torch.ones(2, 2)}, torch.tensor(3))})
+    assert set(load_file(tmp_path / "toy.safetensors")) == {"t/x|A"}
+    assert int(load(tmp_path / "toy.safetensors")["t"].count) == 3
+
+
+class ToyFactors(NamedTuple):
+    value: dict
+    count: torch.Tensor
 
 
 # --- the examples of docs/files.md run -----------------------------------------------------------------
