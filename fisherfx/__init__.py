@@ -1,7 +1,9 @@
 """fisherfx: the Fisher information of PyTorch models, the ``torch.func`` way."""
 
+from ._collect import Collected, collect
 from ._errors import FisherError, FisherfxError
 from ._explain import Explanation, Served, explain
+from .distributed import all_reduce
 from .fisher import diag_fisher, group_fisher, mask_importance, per_sample_grads
 from .groups import (
                      Group,
@@ -16,49 +18,51 @@ from .groups import (
                      to_flat,
                      whole,
 )
+from .io import load, save
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 from .losses import nll
 from .metrics import (
-                      Capacity,
-                      Damage,
-                      Flatness,
-                      Overlap,
-                      Selection,
-                      Sharpness,
-                      SweepRecord,
-                      WeightedDamage,
-                      capacity_report,
-                      concentrated_perturbation,
-                      ewc_penalty,
-                      fisher_merge,
-                      fisher_overlap,
-                      fisher_weighted_damage,
-                      flatness,
-                      percolation_sweep,
-                      perturbation_damage,
-                      risk_correlation,
-                      risk_score,
-                      sharpness,
-                      to_csv,
+                     Capacity,
+                     Damage,
+                     Flatness,
+                     Overlap,
+                     Selection,
+                     Sharpness,
+                     SweepRecord,
+                     WeightedDamage,
+                     capacity_report,
+                     concentrated_perturbation,
+                     ewc_penalty,
+                     fisher_merge,
+                     fisher_overlap,
+                     fisher_weighted_damage,
+                     flatness,
+                     percolation_sweep,
+                     perturbation_damage,
+                     risk_correlation,
+                     risk_score,
+                     sharpness,
+                     to_csv,
 )
 from .operators import empirical_fisher_vp, fisher_vp, ggn_vp, hvp, mc_fisher_vp
 from .problems import Prepared, Problem, causal_lm, left_align, model_call, params_of, supervised
 from .spectrum import (
-                       CGResult,
-                       Eigen,
-                       SpectralDensity,
-                       TraceEstimate,
-                       cg_solve,
-                       hutchinson_trace,
-                       lanczos,
-                       linear_operator,
-                       power_iteration,
-                       slq_trace,
-                       spectral_density,
+                     CGResult,
+                     Eigen,
+                     SpectralDensity,
+                     TraceEstimate,
+                     cg_solve,
+                     hutchinson_trace,
+                     lanczos,
+                     linear_operator,
+                     power_iteration,
+                     slq_trace,
+                     spectral_density,
 )
 from .state import (
                      EMAState,
                      Estimate,
+                     Provenance,
                      SumState,
                      cast,
                      combine,
@@ -152,6 +156,7 @@ __all__ = [
     "whole",
     # state
     "EMAState",
+    "Provenance",
     "Estimate",
     "SumState",
     "cast",
@@ -162,6 +167,12 @@ __all__ = [
     "sum_init",
     "sum_update",
     "sum_value",
+    # collecting, files, many processes
+    "Collected",
+    "all_reduce",
+    "collect",
+    "load",
+    "save",
     # errors
     "FisherError",
     "FisherfxError",
