@@ -285,7 +285,7 @@ def built():
 
 JACREV_LAYERNORM = pytest.mark.xfail(
     reason="curvlinops' HessianLinearOperator is jvp(jacrev(loss)), which torch.func (2.13) gets wrong for a "
-           "LayerNorm weight behind a parameterised layer; fisherfx's jvp(grad(loss)) matches finite differences "
+           "LayerNorm weight behind a parameterised layer; fisherfx's hvp matches finite differences "
            "(test_hessian_through_layernorm_matches_finite_differences)", strict=False)
 
 
