@@ -181,15 +181,21 @@ def _check(where: str, problem: Problem, params: Mapping[str, Tensor], v: Mappin
 
 def _accumulate(where: str, problem: Problem, params: Vector, batch: Any, normalize: str, product: Any, kind: str,
                 n_samples: int, generator: torch.Generator | None) -> Vector:
-    """Run ``product(prepared, noise)`` (an unnormalised sum) on every batch and divide by ``Σ_b Z_b``."""
+    """Run ``product(prepared, noise)`` (an unnormalised sum) on every batch and divide by ``Σ_b Z_b``
+    (``normalize="none"``: by 1, the sum over the whole list, whatever its split into batches).
+    """
     total: Vector | None = None
     count = 0
     for b in batches_of(batch):
         prepared = prepare_batch(where, problem, params, b, kind, n_samples, generator, normalize)
         with _math_sdpa():
             part = product(prepared.prepared, prepared.noise)
-        total = part if total is None else {name: total[name] + part[name] for name in total}
-        count += int(prepared.count)
+        if total is None:
+            total = part
+        else:
+            for name in total:
+                total[name] += part[name]
+        count = 1 if normalize == "none" else count + int(prepared.count)
     if total is None:
         raise FisherError(f"{where}: batch is an empty collection of batches; expected one batch or a non-empty "
                           "list (or iterable) of batches")
@@ -197,7 +203,7 @@ def _accumulate(where: str, problem: Problem, params: Vector, batch: Any, normal
     if bad is not None:
         raise FisherError(f"{where}: the product is non-finite for parameter {bad!r} (inf or NaN in the model's "
                           "outputs or their derivatives)")
-    return {name: x / count for name, x in total.items()}
+    return {name: x.div_(count) for name, x in total.items()} if count != 1 else total
 
 
 def ggn_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
@@ -215,7 +221,8 @@ def ggn_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mappin
         params: ``{name: [*P]}``, the parameters the operator acts on (any subset of the model's; the
             others are held at the model's values).
         batch: one batch as ``problem`` reads it, or a list / iterable of batches: then the exact
-            count-weighted average ``Σ_b Z_b G_b v / Σ_b Z_b`` (a one-shot iterator is consumed).
+            count-weighted average ``Σ_b Z_b G_b v / Σ_b Z_b``, the product on the concatenated data (with
+            ``normalize="none"`` the plain sum over the batches); a one-shot iterator is consumed.
         v: ``{name: [*P]}`` shaped like ``params``, or ``{name: [K, *P]}``: ``K`` products in one call,
             sharing the forward.
         normalize: ``Z`` = ``"samples"`` (N rows), ``"tokens"`` (active positions) or ``"none"`` (1).

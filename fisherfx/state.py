@@ -6,10 +6,10 @@ writes into its inputs.
 Every estimate and state carries its :class:`Provenance`, the options that made it. Combining
 (:func:`combine`, :func:`ema_update`, :func:`sum_update`, and ``all_reduce``) checks that the parts
 measure the same thing: the same ``quantity``, ``kind``, ``per``, ``normalize``, group spec and
-grouped parameters' shapes, or raises a :class:`FisherError` naming the field and both values. A field that is ``"unknown"``
-(an ``Estimate(value, count)`` built by hand) is compatible with anything and the result takes the
-known value. ``n_samples`` and ``dtype`` are recorded, not checked: parts that differ in them give
-``"mixed"``.
+grouped parameters' shapes, or raises a :class:`FisherError` naming the field and both values. A
+field that is ``"unknown"`` (an ``Estimate(value, count)`` built by hand) is compatible with anything
+and the result takes the known value. ``n_samples`` and ``dtype`` are recorded, not checked: parts
+that differ in them give ``"mixed"``.
 """
 
 from collections.abc import Mapping, Sequence

@@ -105,9 +105,9 @@ def _module_params(pair: "Pair") -> list[nn.Parameter]:
 
 
 def _batches_scale(n_batches: int) -> Callable[[str, str], float]:
-    # reduction="sum" over B batches is the plain sum; fisherfx's normalize="none" over a list divides by
-    # Σ_b Z_b = B (count 1 per batch, as ffx.combine does), so curvlinops = B × fisherfx there
-    return lambda reduction, op: float(n_batches) if reduction == "sum" else 1.0
+    # reduction="sum" over B batches is the plain sum, as is fisherfx's normalize="none" over a list (Z = 1 for
+    # the whole list, not per batch): the same scale whatever the number of batches
+    return lambda reduction, op: 1.0
 
 
 def mlp(batches: tuple[int, ...] = (7,)) -> Pair:
@@ -176,7 +176,7 @@ def tagger(pad: bool = False, batches: tuple[int, ...] = (4,)) -> Pair:
 
     def scale(reduction: str, op: str) -> float:
         if reduction == "sum":
-            return float(len(data))  # see _batches_scale
+            return 1.0  # see _batches_scale
         # curvlinops' EF rescales the mean loss's output gradient by all N·T rows, ignored included (see
         # the module docstring): N·T / A times the token-normalised EF; 1 without ignored positions
         return rows / active if op == "ef" else 1.0
@@ -379,9 +379,9 @@ def test_check_deterministic_passes_on_a_fisherfx_workload(built):
         cls(pair.model, pair.loss("sum"), _module_params(pair), pair.data, check_deterministic=True)
 
 
-def test_list_of_batches_with_normalize_none_is_the_mean_of_batch_sums(built):
-    """What ``scale`` accounts for in the multi-batch cases: curvlinops' ``reduction="sum"`` is the sum of
-    the per-batch sums; fisherfx's ``normalize="none"`` over a list divides it by the number of batches."""
+def test_list_of_batches_with_normalize_none_is_the_sum_of_batch_sums(built):
+    """curvlinops' ``reduction="sum"`` is the sum of the per-batch sums, and so is fisherfx's
+    ``normalize="none"`` over a list (no normalisation of the whole list): independent of the split."""
     pair = built("mlp_batches")
     v = probes(pair.params)
     theirs = curvlinops_operator(pair, "ggn", "sum") @ vectors.flatten(v, pair.params).T
@@ -389,7 +389,7 @@ def test_list_of_batches_with_normalize_none_is_the_mean_of_batch_sums(built):
              for b in pair.data]
     assert_agree(sum(parts), theirs)
     listed = vectors.flatten(ops.ggn_vp(pair.problem, pair.params, pair.data, v, normalize="none"), pair.params).T
-    assert_agree(listed, sum(parts) / len(parts))
+    assert_agree(listed, sum(parts))
 
 
 def _layernorm_pair() -> Pair:

@@ -401,3 +401,14 @@ def test_operators_drive_the_solvers_and_spectra():
     trace = ffx.hutchinson_trace(hessian, b.params, n_probes=64, generator=generator(1))
     exact = float(dense(case.name, "hessian").trace()) / z
     assert abs(float(trace.estimate) - exact) <= 4 * float(trace.standard_error)
+
+
+@pytest.mark.parametrize("which", WHICH)
+def test_list_with_normalize_none_is_the_sum_over_batches(which: str):
+    """No normalisation means none for the whole list: the product on the concatenated data, whatever the split."""
+    case = BY_NAME["mlp-categorical"]
+    b = build(case)
+    x, y = b.batch
+    v = probes(b.params)
+    splits = [(x[:2], y[:2]), (x[2:], y[2:])]
+    assert_tree_close(product(which, b, v, "none", batch=splits), product(which, b, v, "none"), **case.tol)
