@@ -37,7 +37,7 @@ if str(HERE) not in sys.path:
 import report  # noqa: E402
 import run  # noqa: E402
 
-from fisherfx.kfac import (  # noqa: E402
+from fisherfx._kfac import (  # noqa: E402
     kfac,
     kfac_eig,
     kfac_ema_init,

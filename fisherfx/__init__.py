@@ -3,6 +3,27 @@
 from ._collect import Collected, collect
 from ._errors import FisherError, FisherfxError
 from ._explain import Explanation, Served, explain
+from ._kfac import (
+                     KFAC,
+                     Eigenbasis,
+                     Factors,
+                     KFACEMAState,
+                     ekfac,
+                     kfac,
+                     kfac_combine,
+                     kfac_dense,
+                     kfac_diag,
+                     kfac_eig,
+                     kfac_eigenvalues,
+                     kfac_ema_init,
+                     kfac_ema_update,
+                     kfac_ema_value,
+                     kfac_inverse,
+                     kfac_logdet,
+                     kfac_solve,
+                     kfac_trace,
+                     kfac_vp,
+)
 from .distributed import all_reduce
 from .fisher import diag_fisher, group_fisher, mask_importance, per_sample_grads
 from .groups import (
@@ -44,6 +65,7 @@ from .metrics import (
                      sharpness,
                      to_csv,
 )
+from .natural import KFACOptimizer, KFACOptState, apply_updates, kfac_optimizer, natural_gradient
 from .operators import empirical_fisher_vp, fisher_vp, ggn_vp, hvp, mc_fisher_vp
 from .problems import Prepared, Problem, causal_lm, left_align, model_call, params_of, supervised
 from .spectrum import (
@@ -102,6 +124,31 @@ __all__ = [
     "ggn_vp",
     "hvp",
     "mc_fisher_vp",
+    # K-FAC and natural gradient
+    "KFAC",
+    "Eigenbasis",
+    "Factors",
+    "KFACEMAState",
+    "KFACOptState",
+    "KFACOptimizer",
+    "apply_updates",
+    "ekfac",
+    "kfac",
+    "kfac_combine",
+    "kfac_dense",
+    "kfac_diag",
+    "kfac_eig",
+    "kfac_eigenvalues",
+    "kfac_ema_init",
+    "kfac_ema_update",
+    "kfac_ema_value",
+    "kfac_inverse",
+    "kfac_logdet",
+    "kfac_optimizer",
+    "kfac_solve",
+    "kfac_trace",
+    "kfac_vp",
+    "natural_gradient",
     # solves and spectra
     "CGResult",
     "Eigen",

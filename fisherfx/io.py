@@ -23,7 +23,7 @@ moment leaves the previous file as it was (and at worst a ``.<name>.<random>.tmp
 header's ``type``), the Python ``type``, ``encode(obj) -> (tensors by key, JSON-able fields)``,
 ``decode(tensors, fields) -> obj`` and ``differences(obj, params, partial) -> [messages]`` for
 ``load(params=...)``. A new type (K-FAC factors) adds its codec to :data:`CODECS`. This module imports no
-engine, so a type defined beside one (``fisherfx.kfac.KFAC``) is named by its ``"module.QualName"`` string
+engine, so a type defined beside one (``fisherfx._kfac.KFAC``) is named by its ``"module.QualName"`` string
 and its ``decode`` imports the module when called. Its keys should follow the ones above
 (``"<layer>|A"``, ``"<layer>|G"``, say).
 """

@@ -3,7 +3,7 @@
 .. math::
     \\tilde g = (F + λ I)^{-1} g
 
-with ``F`` a diagonal :class:`~fisherfx.Estimate`, a :class:`~fisherfx.kfac.KFAC` (or EKFAC) or any
+with ``F`` a diagonal :class:`~fisherfx.Estimate`, a :class:`~fisherfx.KFAC` (or EKFAC) or any
 symmetric matvec ``v ↦ F v`` (solved by conjugate gradients, e.g. on the exact GGN with
 ``functools.partial(ffx.ggn_vp, problem, params, batch)``).
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._errors import FisherError
-from .kfac import (
+from ._kfac import (
     DAMPINGS,
     KFAC,
     KFACEMAState,
@@ -56,11 +56,11 @@ def natural_gradient(grads: Mapping[str, Tensor], curvature: "Estimate | KFAC | 
 
     Args:
         grads: ``{name: [*P]}`` (or ``{name: [K, *P]}``), e.g. the gradient of the mean loss.
-        curvature: an :class:`~fisherfx.Estimate` of the diagonal (``g / (d + λ)``), a :class:`~fisherfx.kfac.KFAC`
-            (:func:`~fisherfx.kfac.kfac_solve`) or a function ``v ↦ F v`` (:func:`~fisherfx.spectrum.cg_solve`).
+        curvature: an :class:`~fisherfx.Estimate` of the diagonal (``g / (d + λ)``), a :class:`~fisherfx.KFAC`
+            (:func:`~fisherfx.kfac_solve`) or a function ``v ↦ F v`` (:func:`~fisherfx.spectrum.cg_solve`).
             A diagonal or a K-FAC must cover exactly the names of ``grads``.
         damping: ``λ > 0``.
-        damping_kind: for a K-FAC, ``"tikhonov"`` or ``"pi"`` (see :func:`~fisherfx.kfac.kfac_solve`).
+        damping_kind: for a K-FAC, ``"tikhonov"`` or ``"pi"`` (see :func:`~fisherfx.kfac_solve`).
         tol, max_iter: for conjugate gradients (a matvec).
 
     Returns:
@@ -126,10 +126,10 @@ def kfac_optimizer(problem: Problem, lr: float = 0.3, damping: float = 1e-2, dec
                    damping_kind: str = "pi", seed: int = 0, dtype: torch.dtype = torch.float32) -> KFACOptimizer:
     """K-FAC as an optax-style optimiser: preconditioned steps ``Δθ = −η ν (F̂ + λI)⁻¹ g``.
 
-    Every ``curvature_every`` steps the factors of the batch (:func:`~fisherfx.kfac.kfac`, ``kind``) enter their EMA
+    Every ``curvature_every`` steps the factors of the batch (:func:`~fisherfx.kfac`, ``kind``) enter their EMA
     (decay ``β``, bias-corrected); every ``inverse_every`` steps the averaged factors are inverted: with
     ``damping_kind="pi"`` (default, Martens & Grosse 2015) into the damped inverse factors of
-    :func:`~fisherfx.kfac.kfac_inverse` (each step then costs two matrix products per layer), with ``"tikhonov"``
+    :func:`~fisherfx.kfac_inverse` (each step then costs two matrix products per layer), with ``"tikhonov"``
     into eigendecompositions for the exact ``(F̂ + λI)⁻¹`` (four); every step solves with the latest inverse.
     ``ν = min(1, sqrt(c / (η² g̃ᵀ g)))`` with ``c = kl_clip`` bounds the predicted change of the model's
     distribution (Ba et al. 2017; ``None``: ``ν = 1``). With ``momentum`` ``μ``: ``v ← μ v + ν g̃``,
@@ -141,12 +141,12 @@ def kfac_optimizer(problem: Problem, lr: float = 0.3, damping: float = 1e-2, dec
         damping: ``λ > 0``.
         decay: the factors' EMA decay ``β ∈ (0, 1)``.
         curvature_every, inverse_every: how often to add factors and to eigendecompose.
-        kind: ``"mc"`` (default), ``"empirical"`` or ``"exact"`` (see :func:`~fisherfx.kfac.kfac`).
+        kind: ``"mc"`` (default), ``"empirical"`` or ``"exact"`` (see :func:`~fisherfx.kfac`).
         momentum: ``μ ∈ [0, 1)``.
         kl_clip: ``c > 0`` or ``None``.
-        mode, normalize: as :func:`~fisherfx.kfac.kfac` (``normalize="samples"`` matches a loss averaged over
+        mode, normalize: as :func:`~fisherfx.kfac` (``normalize="samples"`` matches a loss averaged over
             samples, ``"tokens"`` one averaged over tokens).
-        damping_kind: ``"pi"`` or ``"tikhonov"`` (see :func:`~fisherfx.kfac.kfac_solve`).
+        damping_kind: ``"pi"`` or ``"tikhonov"`` (see :func:`~fisherfx.kfac_solve`).
         seed: MC labels at step ``k`` come from a generator seeded with ``(seed, k)``: runs are reproducible.
         dtype: the factors' accumulation dtype.
 

@@ -23,8 +23,8 @@ from fisherfx import testing, vectors
 from fisherfx.spectrum import cg_solve
 from tests.cases import BY_NAME, CASES, LM_CASES, build, case_id
 
-# the module (the name ``fisherfx.kfac`` may also be the function once it is exported)
-K = importlib.import_module("fisherfx.kfac")
+# the module (``fisherfx.kfac`` is the function)
+K = importlib.import_module("fisherfx._kfac")
 
 F64 = torch.float64
 EXACT = {"rtol": 1e-10, "atol": 1e-13}  # the same sums in another order (float64)

@@ -14,8 +14,8 @@ from fisherfx.natural import KFACOptState, apply_updates, kfac_optimizer, natura
 from fisherfx.operators import ggn_vp
 from tests.cases import BY_NAME, build
 
-# the module (the name ``fisherfx.kfac`` may also be the function once it is exported)
-K = importlib.import_module("fisherfx.kfac")
+# the module (``fisherfx.kfac`` is the function)
+K = importlib.import_module("fisherfx._kfac")
 
 F64 = torch.float64
 LAMBDA = 0.1

@@ -259,7 +259,7 @@ def test_risk_of_a_product_is_half_the_dense_quadratic_form(name):
 
 
 def test_risk_of_a_kfac_is_half_its_quadratic_form():
-    from fisherfx.kfac import kfac, kfac_dense
+    from fisherfx._kfac import kfac, kfac_dense
 
     b = build(BY_NAME["mlp-categorical"])
     fac = kfac(b.problem, b.params, b.batch, kind="exact", dtype=F64)
@@ -270,7 +270,7 @@ def test_risk_of_a_kfac_is_half_its_quadratic_form():
 
 def test_risk_of_a_kfac_is_exact_for_one_layer_with_a_gaussian():
     """One Linear layer, Gaussian likelihood, exact kind: G = I/σ², so G ⊗ A is the exact Fisher."""
-    from fisherfx.kfac import kfac
+    from fisherfx._kfac import kfac
 
     g = gen(2)
     x, y = torch.randn(20, 3, generator=g, dtype=F64), torch.randn(20, 2, generator=g, dtype=F64)

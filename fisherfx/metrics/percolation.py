@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from .._errors import FisherError
+from .._kfac import KFAC, kfac_vp
 from ..fisher import NORMALIZES, Normalize, check_params
 from ..groups import Group, Groups, check_groups, expand_groups, some_names
-from ..kfac import KFAC, kfac_vp
 from ..operators import batches_of
 from ..problems import Problem
 from ..state import Estimate
@@ -442,7 +442,7 @@ def risk_score(curvature: Curvature, delta: Mapping[str, Tensor], groups: Groups
       ``functools.partial(ffx.ggn_vp, problem, params, batch)`` (the exact Fisher: ``R`` is then the
       second-order KL of :func:`perturbation_damage` at the same ``normalize``), or an object with a
       ``matvec(v)`` method;
-    - a :class:`~fisherfx.kfac.KFAC` (:func:`~fisherfx.kfac`, ``ekfac``): ``½ ⟨δ, kfac_vp(fac, δ)⟩``, the
+    - a :class:`~fisherfx.KFAC` (:func:`~fisherfx.kfac`, ``ekfac``): ``½ ⟨δ, kfac_vp(fac, δ)⟩``, the
       Kronecker-factored ``F`` (exact for a single layer with a Gaussian likelihood and ``kind="exact"``).
 
     ``R`` is in the normalisation of ``F``: compare it with a :class:`~fisherfx.Damage` of the same ``Z``.
