@@ -27,3 +27,21 @@ def test_demo_runs(capsys):
     main(["demo", "--epochs", "1", "--top", "2"])
     out = capsys.readouterr().out
     assert "EMA" in out and "top 2 output channels" in out
+
+
+def _python_blocks(path: pathlib.Path) -> list[str]:
+    import re
+
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def test_readme_examples_run():
+    """The README's code blocks, in order (the second builds on the first)."""
+    namespace: dict = {}
+    blocks = _python_blocks(ROOT / "README.md")
+    assert blocks
+    exec(compile("\n".join(blocks), "README.md", "exec"), namespace)
+
+
+def test_operators_page_example_runs():
+    exec(compile(_python_blocks(ROOT / "docs" / "operators.md")[0], "docs/operators.md", "exec"), {})
