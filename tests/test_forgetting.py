@@ -2,7 +2,6 @@
 
 import math
 import pathlib
-import re
 
 import pytest
 import torch
@@ -247,18 +246,3 @@ def test_bad_input():
         fisher_merge([delta, {"w": delta["w"]}], [f, f])
     with pytest.raises(FisherError, match=r"fisher_merge: params_list\[0\] and fishers\[1\] must have the same names"):
         fisher_merge([delta, delta], [f, {"w": f["w"]}])
-
-
-# --- the examples of docs/forgetting.md run ---------------------------------------------------------
-
-def _doc_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
-
-
-@pytest.mark.parametrize("index", range(len(_doc_blocks())) if DOCS.exists() else [])
-def test_docs_example_runs(index, tmp_path, monkeypatch):
-    code = _doc_blocks()[index]
-    if "fisherfx import plot" in code:
-        pytest.importorskip("matplotlib")
-    monkeypatch.chdir(tmp_path)  # the examples save files
-    exec(compile(code, f"docs/forgetting.md[{index}]", "exec"), {})

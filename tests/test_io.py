@@ -5,7 +5,6 @@ import multiprocessing
 import os
 import pathlib
 import random
-import re
 import signal
 import sys
 import time
@@ -365,17 +364,3 @@ class ToyFactors(NamedTuple):
     count: torch.Tensor
 
 
-# --- the examples of docs/files.md run -----------------------------------------------------------------
-
-def _examples() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S) if DOCS.exists() else []
-
-
-@pytest.mark.parametrize("index", range(len(_examples())))
-def test_docs_example_runs(index, tmp_path, monkeypatch):
-    code = _examples()[index]
-    missing = [name for name in re.findall(r"ffx\.(\w+)", code) if not hasattr(ffx, name)]
-    if missing:
-        pytest.skip(f"docs/files.md example {index} calls {missing}, not in fisherfx yet")
-    monkeypatch.chdir(tmp_path)  # the examples write files
-    exec(compile(code, f"docs/files.md[{index}]", "exec"), {})

@@ -9,8 +9,6 @@ fisherfx's engines.
 import functools
 import importlib
 import math
-import pathlib
-import re
 
 import pytest
 import torch
@@ -642,15 +640,3 @@ def test_taps_only_names_the_layers_without_factors():
         K.kfac(problem, ffx.params_of(model), batch, engine="taps")
     fac = K.kfac(problem, ffx.params_of(model), batch, dtype=F64)  # auto: its diagonal
     assert "lin.weight" in fac.diagonal and "lin.bias" in fac.diagonal
-
-
-# --- the docs -------------------------------------------------------------------------------------
-
-DOC_SCRIPTS = re.findall(r"```python\n(.*?)```", (pathlib.Path(__file__).resolve().parents[1] / "docs" / "kfac.md")
-                         .read_text(), flags=re.S)
-
-
-@pytest.mark.parametrize("index", range(len(DOC_SCRIPTS)))
-def test_docs_scripts_run(index):
-    """The complete scripts of docs/kfac.md (``python`` fences) run and their assertions hold."""
-    exec(compile(DOC_SCRIPTS[index], f"docs/kfac.md[{index}]", "exec"), {})

@@ -3,7 +3,6 @@
 import itertools
 import math
 import pathlib
-import re
 from typing import NamedTuple
 
 import pytest
@@ -392,18 +391,3 @@ def test_flatness_bad_input(sigma, n_draws, match):
     case = quadratic(2)
     with pytest.raises(FisherError, match=f"flatness: .*{match}"):
         flatness(case.problem, case.minimum, case.batch, sigma, n_draws)
-
-
-# --- the examples of docs/metrics.md run --------------------------------------------------------
-
-def _doc_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
-
-
-@pytest.mark.parametrize("index", range(len(_doc_blocks())))
-def test_docs_example_runs(index):
-    code = _doc_blocks()[index]
-    missing = [name for name in re.findall(r"ffx\.(\w+)", code) if not hasattr(ffx, name)]
-    if missing:
-        pytest.skip(f"docs/metrics.md example {index} calls {missing}, not in fisherfx yet")
-    exec(compile(code, f"docs/metrics.md[{index}]", "exec"), {})

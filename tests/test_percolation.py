@@ -10,7 +10,6 @@ import functools
 import io
 import math
 import pathlib
-import re
 
 import pytest
 import torch
@@ -602,18 +601,3 @@ def test_damage_and_sweep_bad_input():
         sweep([0.5], [0.1], colour="red")
     with pytest.raises(FisherError, match="to_csv: no records"):
         to_csv([])
-
-
-# --- the examples of docs/percolation.md run --------------------------------------------------------
-
-def _doc_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
-
-
-@pytest.mark.parametrize("index", range(len(_doc_blocks())) if DOCS.exists() else [])
-def test_docs_example_runs(index, tmp_path, monkeypatch):
-    code = _doc_blocks()[index]
-    if "fisherfx import plot" in code:
-        pytest.importorskip("matplotlib")
-    monkeypatch.chdir(tmp_path)  # the examples save files
-    exec(compile(code, f"docs/percolation.md[{index}]", "exec"), {})
