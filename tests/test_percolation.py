@@ -42,14 +42,7 @@ F64 = torch.float64
 EXACT = {"rtol": 1e-10, "atol": 1e-14}  # the same sums in another order, float64
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "percolation.md"
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # three parameters with groups of unequal size: G = 5 + 5 + 6 = 16
