@@ -1,4 +1,6 @@
-"""Command line: ``fisherfx demo``.
+"""Command line: ``fisherfx demo``, ``fisherfx fisher`` and ``fisherfx show``.
+
+``fisher`` and ``show`` (HuggingFace causal LMs, Fisher files) are in :mod:`fisherfx._cli_fisher`.
 
 The demo trains a small MLP (64-64-32-10) on scikit-learn's digits for 50 epochs of Adam (set
 ``--epochs``), then walks over the training set in batches, computing the token-normalised
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import fisher, groups, problems, state
+from . import _cli_fisher, fisher, groups, problems, state
 from .likelihoods import Categorical
 from .metrics import percolation
 
@@ -154,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     d.add_argument("--epsilon", type=float, default=2.0, help="norm of the percolation perturbations (default 2)")
     d.add_argument("--repeats", type=int, default=5, help="perturbations drawn per setting (default 5)")
     d.add_argument("--plot", metavar="PATH", default=None, help="save the percolation curves there (needs matplotlib)")
+    _cli_fisher.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.epochs, args.batch_size, args.top, args.decay, args.seed, args.epsilon, args.repeats, args.plot)
+    else:
+        _cli_fisher.run(args)
