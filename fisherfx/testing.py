@@ -36,6 +36,30 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev
 
 from .likelihoods import Bernoulli, Categorical, Gaussian
+from .testing_strategies import (
+    BITWISE,
+    SAME_MATH_F32,
+    SAME_MATH_F64,
+    VOCAB,
+    AttentionNet,
+    SeqModel,
+    SeqSpec,
+    TinyAttention,
+    build,
+    generator,
+    lm_batches,
+    masks,
+    models,
+    padded_lengths,
+    randint,
+    randn,
+    seq_batch,
+    seq_specs,
+    spans,
+    splits,
+    tiny_gpt2,
+    tiny_llama,
+)  # the property tests' strategies, seeded tensors and tiny models (hypothesis imported on use)
 from .vectors import flatten, unflatten  # the flat order of every dense matrix here
 
 Params = dict[str, Tensor]
@@ -340,5 +364,17 @@ def assert_tree_close(actual: Mapping[str, Tensor], expected: Mapping[str, Tenso
                              + "\n".join(failures))
 
 
+def __getattr__(name: str) -> Any:
+    if name == "seeds":  # a Hypothesis strategy, created on first access (hypothesis stays optional)
+        from . import testing_strategies
+
+        return testing_strategies.seeds
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["SampleNLL", "assert_tree_close", "causal_lm_nlls", "empirical_fisher", "exact_fisher", "flatten",
-           "hessian_matrix", "loop_grads", "normalizer", "supervised_nlls", "unflatten"]
+           "hessian_matrix", "loop_grads", "normalizer", "supervised_nlls", "unflatten",
+           # Hypothesis strategies and what they build on (fisherfx.testing_strategies)
+           "BITWISE", "SAME_MATH_F32", "SAME_MATH_F64", "VOCAB", "AttentionNet", "SeqModel", "SeqSpec",
+           "TinyAttention", "build", "generator", "lm_batches", "masks", "models", "padded_lengths", "randint",
+           "randn", "seq_batch", "seq_specs", "spans", "splits", "tiny_gpt2", "tiny_llama"]
