@@ -17,8 +17,8 @@ of each operator is :func:`~fisherfx.diag_fisher`'s value of the same kind (``ex
 How: one forward with tangents (:func:`torch.func.jvp`) gives the outputs ``f`` and ``J v`` for the
 whole batch; the output-space cotangent ``u`` (``H J v``, or ``∇_f ℓ · (∇ℓᵀ v)``) is formed in closed
 form; one backward through the same forward gives ``Jᵀ u``. ``K`` vectors at once (a leading axis on
-every ``v[name]``) share the forward: the tangents are batched with :func:`torch.func.vmap`, the
-pull-back vmapped over a :func:`torch.func.vjp`. :func:`hvp` of one vector is reverse over reverse
+every ``v[name]``) share the forward: the tangents are batched with :func:`torch.func.vmap` over
+the one primal, and pulled back one by one through its graph. :func:`hvp` of one vector is reverse over reverse
 (the backward of the gradient, built with ``create_graph``, along ``v``: measured faster on CPU than
 ``jvp`` of ``grad``); of ``K`` vectors forward over reverse, the tangents batched over one primal.
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vmap
 
 from ._errors import FisherError
 from .engines import taps
@@ -89,29 +89,30 @@ def _push(where: str, problem: Problem, params: Vector, prepared: Prepared, v: V
     """``(f, J v, pull)``: the outputs ``f`` ``[N, T, C]``, the tangents ``J v`` ``[(K,) N, T, C]`` and
     ``pull(u) = Jᵀ u`` for cotangents ``u`` shaped like ``J v``.
 
-    One vector: one forward with tangents whose primal keeps its autograd graph, so ``pull`` is one
-    backward through it. ``K`` vectors: ``torch.func.vjp`` (a forward) and the ``K`` tangents batched
-    over one shared primal, ``pull`` vmapped over the vjp: a backward vmapped by ``is_grads_batched``
-    over the graph of a ``jvp`` measured slower than ``K`` backwards, a vmapped ``vjp`` faster.
+    One forward with tangents whose primal keeps its autograd graph (``K`` tangents batched over the
+    one primal with ``vmap``); ``pull`` is one backward through that graph per vector. (A backward
+    vmapped with ``is_grads_batched`` over that graph was measured slower than ``K`` backwards, and a
+    vmapped ``torch.func.vjp`` costs a second primal forward for a few percent.)
     """
     forward = _forward(where, problem, prepared)
-    if k is None:
-        leaves = _leaves(params)
-        with torch.enable_grad():
+    leaves = _leaves(params)
+    with torch.enable_grad():
+        if k is None:
             out, jv = jvp(forward, (leaves,), (v,))
-
-        def pull(u: Tensor) -> Vector:
-            grads = torch.autograd.grad(out, list(leaves.values()), u.to(out.dtype), allow_unused=True)
-            return {name: torch.zeros_like(p) if g is None else g
-                    for (name, p), g in zip(leaves.items(), grads, strict=True)}
-    else:
-        primals = {name: p.detach() for name, p in params.items()}
-        out, vjp_fn = vjp(forward, primals)
-        jv = vmap(lambda t: jvp(forward, (primals,), (t,))[1])(v)
-
-        def pull(u: Tensor) -> Vector:
-            return vmap(vjp_fn)(u.to(out.dtype))[0]
+        else:
+            out, jv = vmap(lambda t: jvp(forward, (leaves,), (t,)), out_dims=(None, 0))(v)
     taps.check_outputs(where, problem, out.detach(), prepared)
+
+    def backward(u: Tensor, keep: bool) -> list[Tensor]:
+        grads = torch.autograd.grad(out, list(leaves.values()), u.to(out.dtype), allow_unused=True, retain_graph=keep)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(leaves.values(), grads, strict=True)]
+
+    def pull(u: Tensor) -> Vector:
+        if k is None:
+            return dict(zip(leaves, backward(u, False), strict=True))
+        parts = [backward(u[i], i < k - 1) for i in range(k)]
+        return {name: torch.stack([part[j] for part in parts]) for j, name in enumerate(leaves)}
+
     return out, jv, pull
 
 
