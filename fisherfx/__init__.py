@@ -24,6 +24,7 @@ from ._kfac import (
                      kfac_trace,
                      kfac_vp,
 )
+from ._memory import MemoryEstimate, memory_estimate
 from .distributed import all_reduce
 from .fisher import diag_fisher, group_fisher, mask_importance, per_sample_grads
 from .groups import (
@@ -220,6 +221,8 @@ __all__ = [
     "collect",
     "load",
     "save",
+    "MemoryEstimate",
+    "memory_estimate",
     # errors
     "FisherError",
     "FisherfxError",
