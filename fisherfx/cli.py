@@ -10,7 +10,8 @@ each. It prints the EMA batch by batch and the top channels of every layer.
 Then a percolation sweep: perturbations of one norm ``ε`` on the top-, randomly- and bottom-ranked
 output channels (weight rows, ranked by the EMA of the MC Fisher per entry), measured on the held-out
 digits, printed as a table with the rank correlation between the predicted risk and the measured
-damage, and plotted with ``--plot PATH``.
+damage, and plotted to ``fisherfx-percolation.png`` (``--plot PATH`` elsewhere, ``--no-plot`` not at
+all; skipped with a note when matplotlib is not installed).
 """
 
 import argparse
@@ -133,6 +134,11 @@ def _percolation(problem, params, batch, importance, spec, epsilon: float, repea
     print(f"Spearman rank correlation of the risk with the measured KL: {rho_kl:.3f}, with the loss increase: "
           f"{rho_loss:.3f}")
     if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("percolation curves not plotted: matplotlib is not installed (pip install 'fisherfx[plot]')")
+            return
         from .plot import percolation_curves
 
         percolation_curves(records, title=f"digits MLP, ε={epsilon:g}").savefig(plot, dpi=120)
@@ -155,7 +161,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--epsilon", type=float, default=2.0, help="norm of the percolation perturbations (default 2)")
     d.add_argument("--repeats", type=int, default=5, help="perturbations drawn per setting (default 5)")
-    d.add_argument("--plot", metavar="PATH", default=None, help="save the percolation curves there (needs matplotlib)")
+    d.add_argument("--plot", metavar="PATH", default="fisherfx-percolation.png",
+                   help="where to save the percolation curves (default fisherfx-percolation.png; needs matplotlib)")
+    d.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="do not plot")
     _cli_fisher.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -21,12 +21,19 @@ def test_example_runs(path, monkeypatch):
     runpy.run_path(str(path), run_name="__main__")
 
 
-def test_demo_runs(capsys):
+def test_demo_runs(capsys, tmp_path, monkeypatch):
     from fisherfx.cli import main
 
+    monkeypatch.chdir(tmp_path)  # the demo saves its percolation plot in the working directory
     main(["demo", "--epochs", "1", "--top", "2"])
     out = capsys.readouterr().out
-    assert "EMA" in out and "top 2 output channels" in out
+    assert "EMA" in out and "top 2 output channels" in out and "Spearman" in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "not plotted" in out
+    else:
+        assert (tmp_path / "fisherfx-percolation.png").stat().st_size > 0
 
 
 def _python_blocks(path: pathlib.Path) -> list[str]:
