@@ -66,7 +66,7 @@ def loader(n=STEPS * 8, batch_size=8):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 
 
-def fit_recorded(callback, tmp_path=None, steps=STEPS):
+def fit_recorded(callback, tmp_path=None, steps=STEPS, ckpt_path=None):
     """As fit, with recorders just before and just after the Fisher callback."""
     module = Classifier()
     before, after = Recorder(), Recorder()
@@ -76,7 +76,7 @@ def fit_recorded(callback, tmp_path=None, steps=STEPS):
                          log_every_n_steps=1, callbacks=[before, callback, after])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, loader())
+        trainer.fit(module, loader(), ckpt_path=ckpt_path)
     return module, trainer, before, after
 
 
@@ -231,3 +231,34 @@ def test_without_lightning_the_import_says_how_to_install():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "pip install fisherfx[lightning]" in out.stdout
+
+
+def test_resume_from_a_lightning_checkpoint(tmp_path):
+    """fit(ckpt_path=...) restores the EMA states: the resumed run continues the first run's EMA."""
+    def make():
+        return FisherCallback(likelihood=ffx.Categorical(), attribute="model", groups="channels", decay=0.9)
+
+    first = make()
+    module, trainer, rec1, _ = fit_recorded(first, steps=4)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = make()
+    module, _, rec2, _ = fit_recorded(resumed, steps=STEPS, ckpt_path=tmp_path / "half.ckpt")
+    assert rec2.steps == list(range(5, STEPS + 1))
+    for field in ("steps", "batches", "params"):
+        getattr(rec1, field).extend(getattr(rec2, field))
+    assert_states_equal(resumed.states, by_hand(module, rec1, lambda step: True, decay=0.9))
+
+
+def test_batchnorm_estimated_in_eval_mode_and_restored():
+    module = Classifier()
+    module.model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).train()
+    stats = module.model[1].running_mean.clone()
+    batch = (torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    est = FisherCallback(likelihood=ffx.Categorical(), attribute="model").estimate(module, batch)
+    want = ffx.diag_fisher(ffx.supervised(module.model.eval(), ffx.Categorical()), ffx.params_of(module.model), batch)
+    torch.testing.assert_close(est.value, want.value)
+    module.model.train()
+    assert torch.equal(module.model[1].running_mean, stats)
+    with pytest.raises(ffx.FisherError, match="BatchNorm"):
+        FisherCallback(likelihood=ffx.Categorical(), attribute="model", eval_mode=False).estimate(module, batch)
+    assert all(m.training for m in module.model.modules())
