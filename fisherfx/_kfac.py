@@ -39,7 +39,18 @@ from .engines import _tap_kfac as kfac_taps
 from .engines import _tap_layers as tap_layers
 from .engines import taps
 from .problems import Problem
-from .state import EMAState, Estimate, combine, ema_init, ema_update, ema_value
+from .state import (
+    NO_PROVENANCE,
+    EMAState,
+    Estimate,
+    Provenance,
+    combine,
+    ema_init,
+    ema_update,
+    ema_value,
+    merge_provenance,
+    provenance,
+)
 from .vectors import Vector, check_vector, unflatten
 
 Mode = Literal["expand", "reduce"]
@@ -85,6 +96,9 @@ class KFAC(NamedTuple):
     mode: str
     kind: str
     eig: dict[str, Eigenbasis] | None = None  # from kfac_eig / ekfac, keyed as layers
+    # what the factors measure: quantity "kfac" (or "ekfac"), kind, per="sample", normalize, n_samples, dtype;
+    # "unknown" for a KFAC built by hand. The mode is the field above (not repeated here).
+    provenance: Provenance = NO_PROVENANCE
 
 
 # --- which layers ---------------------------------------------------------------------------------
@@ -229,7 +243,9 @@ def kfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str =
                 a = a[:-1, :-1]
         # the engine's A is a mean already; its G a fresh sum, normalised in place
         layers_[name] = Factors(names, a, s.G.div_(z), requests[name].factors.transposed, rows)
-    fac = KFAC(layers_, diagonal, b.count, {n: params[n].shape for n in params}, mode, kind)
+    fac = KFAC(layers_, diagonal, b.count, {n: params[n].shape for n in params}, mode, kind,
+               provenance=provenance("kfac", kind=kind, per="sample", normalize=normalize, n_samples=n_samples,
+                                     dtype=dtype))
     _check_finite(where, fac)
     return fac
 
@@ -597,7 +613,8 @@ def ekfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, factors: K
             s = s if s.numel() == rows * cols else torch.zeros(())  # a zero sum (no unit reached it)
             eig[key] = eig[key]._replace(scale=(s.reshape(-1) / z).reshape(rows, cols) if s.ndim else
                                          torch.zeros((rows, cols), dtype=layer.G.dtype))
-    return fac._replace(eig=eig)
+    made = provenance("ekfac", kind=kind, per="sample", normalize=normalize, n_samples=n_samples, dtype=dtype)
+    return fac._replace(eig=eig, provenance=made)
 
 
 # --- EMA and combine -------------------------------------------------------------------------------
@@ -615,6 +632,20 @@ class KFACEMAState(NamedTuple):
     shapes: dict[str, torch.Size]
     mode: str
     kind: str
+    provenance: Provenance = NO_PROVENANCE  # of the factors averaged (as KFAC.provenance)
+
+
+def _factors_provenance(fac: KFAC) -> Provenance:
+    """The provenance of ``fac``'s Kronecker factors: EKFAC's factors are K-FAC factors (its re-estimated
+    eigenvalues are dropped when factors are averaged), so ``"ekfac"`` counts as ``"kfac"``.
+    """
+    made = fac.provenance or NO_PROVENANCE
+    return made._replace(quantity="kfac") if made.quantity == "ekfac" else made
+
+
+def _check_provenance(where: str, have: Provenance, fac: KFAC, what: tuple[str, str]) -> Provenance:
+    """:func:`~fisherfx.state.merge_provenance` of the factors: a FisherError naming kind or normalize."""
+    return merge_provenance(where, have, _factors_provenance(fac), what)
 
 
 def _structure(layers_: Mapping[str, tuple], shapes: Mapping[str, torch.Size], diagonal: Any, mode: str,
@@ -636,7 +667,8 @@ def _check_same(where: str, have: tuple, fac: KFAC, what: str = "the state's") -
         why = (f"other parameters or shapes (another model?): {what} {sorted(have[1])}, the factors' "
                f"{sorted(got[1])}")
     elif got[3:] != have[3:]:
-        why = f"another mode or kind: {what} {have[3:]}, the factors' {got[3:]}"
+        field, a, b = next((f, x, y) for f, x, y in zip(("mode", "kind"), have[3:], got[3:], strict=True) if x != y)
+        why = f"another mode or kind: {what} {field}={a!r}, the factors' {field}={b!r}"
     else:
         key = next((k for k in sorted({*have[0], *got[0]}) if have[0].get(k) != got[0].get(k)), None)
         why = (f"another layer structure at {key!r}: {what} {have[0].get(key)}, the factors' {got[0].get(key)}"
@@ -658,24 +690,27 @@ def kfac_ema_init(fac: KFAC, decay: float = 0.95) -> KFACEMAState:
                         ema_init({k: layer.G for k, layer in fac.layers.items()}, decay),
                         ema_init(dict(fac.diagonal), decay),
                         {k: layer.names for k, layer in fac.layers.items()},
-                        {k: layer.transposed for k, layer in fac.layers.items()}, dict(fac.shapes), fac.mode, fac.kind)
+                        {k: layer.transposed for k, layer in fac.layers.items()}, dict(fac.shapes), fac.mode, fac.kind,
+                        _factors_provenance(fac))
 
 
 def kfac_ema_update(state: KFACEMAState, fac: KFAC) -> KFACEMAState:
     """``m_k = β m_{k−1} + (1 − β) F_k`` for every factor and diagonal; a new state.
 
     Raises:
-        FisherError: factors of another model, layer structure, mode or kind.
+        FisherError: factors of another model, layer structure, mode, kind or normalisation (the provenance's
+            check, :func:`~fisherfx.combine`'s).
 
     """
     where = "kfac_ema_update"
     fac = _check_fac(where, fac)
     if not isinstance(state, KFACEMAState):
         raise FisherError(f"{where}: expected a KFACEMAState (from kfac_ema_init), got {type(state).__name__}")
+    made = _check_provenance(where, state.provenance, fac, ("the state", "the factors"))
     _check_same(where, _state_structure(state), fac)
     return state._replace(A=ema_update(state.A, {k: layer.A for k, layer in fac.layers.items()}),
                           G=ema_update(state.G, {k: layer.G for k, layer in fac.layers.items()}),
-                          diagonal=ema_update(state.diagonal, dict(fac.diagonal)))
+                          diagonal=ema_update(state.diagonal, dict(fac.diagonal)), provenance=made)
 
 
 def kfac_ema_value(state: KFACEMAState, bias_corrected: bool = True) -> KFAC:
@@ -692,7 +727,7 @@ def kfac_ema_value(state: KFACEMAState, bias_corrected: bool = True) -> KFAC:
     diagonal = ema_value(state.diagonal, bias_corrected) if state.diagonal.mean else {}
     one = torch.ones((), dtype=torch.int64)
     layers_ = {k: Factors(names, a[k], g[k], state.transposed[k], one) for k, names in state.names.items()}
-    return KFAC(layers_, diagonal, one, dict(state.shapes), state.mode, state.kind)
+    return KFAC(layers_, diagonal, one, dict(state.shapes), state.mode, state.kind, provenance=state.provenance)
 
 
 def kfac_combine(facs: Sequence[KFAC]) -> KFAC:
@@ -700,8 +735,11 @@ def kfac_combine(facs: Sequence[KFAC]) -> KFAC:
     their counts ``Z`` (:func:`~fisherfx.combine`'s arithmetic), so that it equals the K-FAC of the
     concatenated batches; eigendecompositions are dropped.
 
+    The provenance is the parts' merged provenance (an EKFAC's counts as K-FAC's: its eigenvalues are dropped).
+
     Raises:
-        FisherError: no factors, or factors of different structure (another model, mode or kind).
+        FisherError: no factors, factors of different structure (another model, mode or kind), or of different
+            provenance (another kind or normalize: the check of :func:`~fisherfx.combine`, naming the field).
 
     """
     where = "kfac_combine"
@@ -709,7 +747,10 @@ def kfac_combine(facs: Sequence[KFAC]) -> KFAC:
         raise FisherError(f"{where}: expected a non-empty list of KFAC values")
     facs = [_check_fac(where, f) for f in facs]
     first = facs[0]
-    for f in facs[1:]:
+    made = _factors_provenance(first)
+    for i, f in enumerate(facs[1:], start=1):
+        before = "factors 0" if i == 1 else f"factors 0 to {i - 1}"
+        made = _check_provenance(where, made, f, (before, f"factors {i}"))
         _check_same(where, _structure_of(first), f, "the first factors'")
     layers_ = {}
     for key, layer in first.layers.items():
@@ -719,7 +760,8 @@ def kfac_combine(facs: Sequence[KFAC]) -> KFAC:
         g = combine([Estimate({key: p.G}, f.count) for p, f in zip(parts, facs, strict=True)]).value[key]
         layers_[key] = layer._replace(A=a, G=g, a_count=rows)
     diagonal = combine([Estimate(dict(f.diagonal), f.count) for f in facs]).value if first.diagonal else {}
-    return KFAC(layers_, diagonal, sum(f.count for f in facs), dict(first.shapes), first.mode, first.kind)
+    return KFAC(layers_, diagonal, sum(f.count for f in facs), dict(first.shapes), first.mode, first.kind,
+                provenance=made)
 
 
 __all__ = ["KFAC", "Eigenbasis", "Factors", "KFACEMAState", "ekfac", "kfac", "kfac_combine", "kfac_dense",

@@ -640,3 +640,48 @@ def test_taps_only_names_the_layers_without_factors():
         K.kfac(problem, ffx.params_of(model), batch, engine="taps")
     fac = K.kfac(problem, ffx.params_of(model), batch, dtype=F64)  # auto: its diagonal
     assert "lin.weight" in fac.diagonal and "lin.bias" in fac.diagonal
+
+
+# --- provenance ------------------------------------------------------------------------------------
+
+def test_factors_carry_their_provenance():
+    b = build(BY_NAME["mlp-categorical"])
+    fac = K.kfac(b.problem, b.params, b.batch, kind="mc", n_samples=2, generator=gen(0), normalize="tokens",
+                 dtype=F64)
+    assert fac.provenance == ffx.Provenance("kfac", "mc", "sample", "tokens", 2, "float64", None, None)
+    assert K.ekfac(b.problem, b.params, b.batch, dtype=F64).provenance.quantity == "ekfac"
+    # a KFAC built by hand (positional or by keyword, as before) has unknown provenance and mixes with any
+    hand = K.KFAC(fac.layers, fac.diagonal, fac.count, fac.shapes, fac.mode, fac.kind)
+    keyword = K.KFAC(layers=fac.layers, diagonal=fac.diagonal, count=fac.count, shapes=fac.shapes, mode=fac.mode,
+                     kind=fac.kind, eig=None)
+    assert hand.provenance == keyword.provenance == ffx.Provenance()
+    assert K.kfac_combine([hand, fac]).provenance == fac.provenance
+    state = K.kfac_ema_update(K.kfac_ema_init(fac, 0.9), fac)
+    assert state.provenance == fac.provenance and K.kfac_ema_value(state).provenance == fac.provenance
+    # EKFAC's factors are K-FAC's: averaging them drops the eigenvalues, and gives "kfac" factors
+    e = K.ekfac(b.problem, b.params, b.batch, kind="mc", n_samples=2, generator=gen(0), normalize="tokens", dtype=F64)
+    assert K.kfac_combine([e, fac]).provenance == fac.provenance
+
+
+def test_combine_and_ema_refuse_other_kinds_normalisations_and_modes():
+    b = build(BY_NAME["mlp-categorical"])
+    fac = K.kfac(b.problem, b.params, b.batch, dtype=F64)
+    mc = K.kfac(b.problem, b.params, b.batch, kind="mc", generator=gen(0), dtype=F64)
+    tokens = K.kfac(b.problem, b.params, b.batch, normalize="tokens", dtype=F64)
+    reduce = K.kfac(b.problem, b.params, b.batch, mode="reduce", dtype=F64)
+    with pytest.raises(ffx.FisherError, match="kfac_combine: cannot mix estimates of different kind: factors 0: "
+                                              "kind='empirical'; factors 1: kind='mc'"):
+        K.kfac_combine([fac, mc])
+    with pytest.raises(ffx.FisherError, match="kfac_combine: cannot mix estimates of different normalize: "
+                                              "factors 0 to 1: normalize='samples'; factors 2"):
+        K.kfac_combine([fac, fac, tokens])
+    with pytest.raises(ffx.FisherError, match="kfac_combine: .*another mode or kind: .*mode='expand', the "
+                                              "factors' mode='reduce'"):
+        K.kfac_combine([fac, reduce])
+    state = K.kfac_ema_init(fac)
+    with pytest.raises(ffx.FisherError, match="kfac_ema_update: cannot mix estimates of different normalize: "
+                                              "the state: normalize='samples'; the factors: normalize='tokens'"):
+        K.kfac_ema_update(state, tokens)
+    hand = mc._replace(provenance=ffx.Provenance())  # no provenance: the structure's kind still refuses
+    with pytest.raises(ffx.FisherError, match="kfac_ema_update: .*kind='empirical', the factors' kind='mc'"):
+        K.kfac_ema_update(state, hand)
