@@ -256,6 +256,9 @@ def _show_one(prefix: str, fields: dict[str, Any], obj: Any, top: int) -> None:
     for key in ("count", "decay", "step"):
         if key in fields:
             print(f"{prefix}{key}: {fields[key]}")
+    if fields.get("type") in ("KFAC", "KFACEMAState"):
+        _show_kfac(prefix, fields, obj, top)
+        return
     values = _values(obj)
     shapes = prov.get("shapes") if isinstance(prov.get("shapes"), dict) else {}
     params = sum(_numel(shapes.get(n, v.shape)) for n, v in values.items())
@@ -280,6 +283,36 @@ def _show_one(prefix: str, fields: dict[str, Any], obj: Any, top: int) -> None:
             share = f"{totals[name] / trace:.1%}" if trace else "-"
             print(f"  {name} {list(values[name].shape)}: {totals[name]:.4g} ({share}), "
                   f"{totals[name] / max(values[name].numel(), 1):.4g}")
+
+
+def _show_kfac(prefix: str, fields: dict[str, Any], obj: Any, top: int) -> None:
+    """K-FAC factors (or their EMA): mode, each layer's factor sizes and ``tr G · tr A``, the diagonals, the trace."""
+    from . import _kfac
+
+    if isinstance(obj, _kfac.KFACEMAState):
+        ema = fields.get("ema", {}).get("A") or fields.get("ema", {}).get("diagonal") or {}
+        print(f"{prefix}decay: {ema.get('decay')}")
+        print(f"{prefix}step: {ema.get('step')}")
+        if int(obj.A.step) == 0 and int(obj.diagonal.step) == 0:
+            print(f"{prefix}layers: {len(obj.names)}, diagonal parameters: {len(obj.diagonal.mean)} (no update yet)")
+            return
+        obj = _kfac.kfac_ema_value(obj)
+    print(f"{prefix}mode: {obj.mode}")
+    traces = {}
+    for key, layer in obj.layers.items():
+        a, g = (t.double() if t.ndim == 1 else t.double().diagonal() for t in (layer.A, layer.G))
+        traces[key] = float(a.sum() * g.sum())
+        sizes = f"A {'diagonal ' if layer.A.ndim == 1 else ''}{layer.A.shape[0]}, G {layer.G.shape[0]}"
+        print(f"  layer {key} ({', '.join(layer.names)}{', transposed' if layer.transposed else ''}): {sizes}, "
+              f"a_count {int(layer.a_count)}, tr G tr A {traces[key]:.4g}")
+    totals = {name: float(d.double().sum()) for name, d in obj.diagonal.items()}
+    for name in sorted(totals, key=totals.get, reverse=True)[:top]:
+        print(f"  diagonal {name} {list(obj.diagonal[name].shape)}: {totals[name]:.4g}")
+    if len(totals) > top:
+        print(f"  ... and {len(totals) - top} more diagonal parameters")
+    print(f"{prefix}parameters: {len(obj.shapes)} tensors, {sum(_numel(s) for s in obj.shapes.values()):,} entries; "
+          f"{len(obj.layers)} layers with Kronecker factors, {len(obj.diagonal)} diagonals")
+    print(f"{prefix}trace: {float(_kfac.kfac_trace(obj)):.6g}")  # EKFAC: the sum of its eigenvalues
 
 
 def _numel(shape: Any) -> int:

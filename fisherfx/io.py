@@ -29,7 +29,9 @@ and its ``decode`` imports the module when called. Its keys should follow the on
 """
 
 import contextlib
+import importlib
 import json
+import math
 import os
 import secrets
 import sys
@@ -124,6 +126,137 @@ CODECS: list[Codec] = [
                   lambda v, f, p: EMAState(v, torch.tensor(int(f["step"]), dtype=torch.int64), float(f["decay"]), p)),
     _values_codec("SumState", SumState, "total", lambda s: {"count": int(s.count)},
                   lambda v, f, p: SumState(v, _count(f), p)),
+]
+
+
+# --- K-FAC factors ----------------------------------------------------------------------------------------
+
+KFAC_TYPE = "fisherfx._kfac.KFAC"
+KFAC_EMA_TYPE = "fisherfx._kfac.KFACEMAState"
+EIG_FIELDS = ("a_values", "a_vectors", "g_values", "g_vectors", "scale")
+
+
+def _kfac_module() -> Any:
+    return importlib.import_module("fisherfx._kfac")  # imported when a K-FAC file is read, not with io
+
+
+def _structure_fields(names: Mapping[str, tuple[str, ...]], transposed: Mapping[str, bool],
+                      shapes: Mapping[str, Any], diagonal: Any, mode: str, kind: str,
+                      provenance: Provenance) -> dict[str, Any]:
+    return {"provenance": provenance_to_json(provenance or NO_PROVENANCE), "mode": mode, "kind": kind,
+            "params": {n: {"shape": list(s)} for n, s in shapes.items()},
+            "layers": {k: {"names": list(names[k]), "transposed": bool(transposed[k]), "A": f"{k}|A", "G": f"{k}|G"}
+                       for k in names},
+            "diagonal": {n: f"{n}|diag" for n in diagonal}}
+
+
+def _kfac_encode(fac: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    layers = fac.layers
+    fields = _structure_fields({k: f.names for k, f in layers.items()}, {k: f.transposed for k, f in layers.items()},
+                               fac.shapes, fac.diagonal, fac.mode, fac.kind, fac.provenance)
+    fields["count"] = int(fac.count)
+    tensors: dict[str, Tensor] = {}
+    for k, f in layers.items():
+        fields["layers"][k]["a_count"] = int(f.a_count)
+        tensors[f"{k}|A"], tensors[f"{k}|G"] = f.A, f.G
+    tensors.update({f"{n}|diag": d for n, d in fac.diagonal.items()})
+    if fac.eig is not None:  # the eigendecompositions too (EKFAC's eigenvalues are meaningful only in its basis)
+        fields["eig"] = {}
+        for k, e in fac.eig.items():
+            fields["eig"][k] = {}
+            for field in EIG_FIELDS:
+                t = getattr(e, field)
+                if t is not None:
+                    fields["eig"][k][field] = key = f"{k}|eig.{field}"
+                    tensors[key] = t
+    return tensors, fields
+
+
+def _kfac_decode(tensors: dict[str, Tensor], fields: dict[str, Any]) -> Any:
+    k_ = _kfac_module()
+    layers = {k: k_.Factors(tuple(f["names"]), tensors[f["A"]], tensors[f["G"]], bool(f["transposed"]),
+                            torch.tensor(int(f["a_count"]), dtype=torch.int64)) for k, f in fields["layers"].items()}
+    eig = None
+    if fields.get("eig") is not None:
+        eig = {k: k_.Eigenbasis(**{field: tensors[e[field]] if field in e else None for field in EIG_FIELDS})
+               for k, e in fields["eig"].items()}
+    return k_.KFAC(layers, {n: tensors[key] for n, key in fields["diagonal"].items()}, _count(fields),
+                   {n: torch.Size(p["shape"]) for n, p in fields["params"].items()}, str(fields["mode"]),
+                   str(fields["kind"]), eig, provenance_from_json(fields["provenance"]))
+
+
+def _layout(names: tuple[str, ...], transposed: bool, shapes: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(rows, cols)`` of a layer's 2-D layout (the bias a last column, or row when transposed)."""
+    if any(n not in shapes for n in names):
+        return None
+    weight = [tuple(shapes[n]) for n in names if len(shapes[n]) != 1]
+    bias = [tuple(shapes[n]) for n in names if len(shapes[n]) == 1]
+    if weight:
+        rows, cols = weight[0][0], math.prod(weight[0][1:])
+    else:  # a bias alone: one column (one row, transposed)
+        rows, cols = (1, bias[0][0]) if transposed else (bias[0][0], 1)
+        return rows, cols
+    return (rows + len(bias), cols) if transposed else (rows, cols + len(bias))
+
+
+def _kfac_differences(names: Mapping[str, tuple[str, ...]], transposed: Mapping[str, bool],
+                      sizes: Mapping[str, tuple[int, int]], shapes: Mapping[str, Any],
+                      params: Mapping[str, Tensor], partial: bool) -> list[str]:
+    """Names and shapes against ``params``, then each layer's factor sizes against its parameters' shapes."""
+    like = {n: torch.empty(tuple(s), device="meta") for n, s in shapes.items()}
+    out = _differences(like, NO_PROVENANCE, params, partial)
+    for key, layer_names in names.items():
+        want = _layout(tuple(layer_names), transposed[key], {n: tuple(params[n].shape) for n in params})
+        a, g = sizes[key]
+        got = (a, g) if transposed[key] else (g, a)  # (rows side, columns side)
+        if want is not None and tuple(want) != got:
+            out.append(f"layer {key!r}: the file's factors are A {a}, G {g} (a layout of {got[0]} x {got[1]}), the "
+                       f"parameters {list(layer_names)} of params give {want[0]} x {want[1]}")
+    return out
+
+
+def _kfac_params_differences(fac: Any, params: Mapping[str, Tensor], partial: bool) -> list[str]:
+    layers = fac.layers
+    return _kfac_differences({k: f.names for k, f in layers.items()}, {k: f.transposed for k, f in layers.items()},
+                             {k: (f.A.shape[0], f.G.shape[0]) for k, f in layers.items()}, fac.shapes, params, partial)
+
+
+def _ema_encode(state: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    fields = _structure_fields(state.names, state.transposed, state.shapes, state.diagonal.mean, state.mode,
+                               state.kind, state.provenance)
+    fields["ema"] = {part: {"step": int(ema.step), "decay": float(ema.decay),
+                            "provenance": provenance_to_json(ema.provenance or NO_PROVENANCE)}
+                     for part, ema in (("A", state.A), ("G", state.G), ("diagonal", state.diagonal))}
+    tensors = {f"{k}|{side}": getattr(state, side).mean[k] for k in state.names for side in ("A", "G")}
+    tensors.update({f"{n}|diag": d for n, d in state.diagonal.mean.items()})
+    return tensors, fields
+
+
+def _ema_decode(tensors: dict[str, Tensor], fields: dict[str, Any]) -> Any:
+    layers, ema = fields["layers"], fields["ema"]
+
+    def part(name: str, means: dict[str, Tensor]) -> EMAState:
+        e = ema[name]
+        return EMAState(means, torch.tensor(int(e["step"]), dtype=torch.int64), float(e["decay"]),
+                        provenance_from_json(e["provenance"]))
+
+    return _kfac_module().KFACEMAState(
+        part("A", {k: tensors[f["A"]] for k, f in layers.items()}),
+        part("G", {k: tensors[f["G"]] for k, f in layers.items()}),
+        part("diagonal", {n: tensors[key] for n, key in fields["diagonal"].items()}),
+        {k: tuple(f["names"]) for k, f in layers.items()}, {k: bool(f["transposed"]) for k, f in layers.items()},
+        {n: torch.Size(p["shape"]) for n, p in fields["params"].items()}, str(fields["mode"]), str(fields["kind"]),
+        provenance_from_json(fields["provenance"]))
+
+
+def _ema_params_differences(state: Any, params: Mapping[str, Tensor], partial: bool) -> list[str]:
+    sizes = {k: (state.A.mean[k].shape[0], state.G.mean[k].shape[0]) for k in state.names}
+    return _kfac_differences(state.names, state.transposed, sizes, state.shapes, params, partial)
+
+
+CODECS += [
+    Codec("KFAC", KFAC_TYPE, _kfac_encode, _kfac_decode, _kfac_params_differences),
+    Codec("KFACEMAState", KFAC_EMA_TYPE, _ema_encode, _ema_decode, _ema_params_differences),
 ]
 
 

@@ -312,7 +312,7 @@ def test_a_writer_killed_mid_save_leaves_a_loadable_file(tmp_path):
 @pytest.mark.parametrize(("obj", "message"), [
     ({"w": torch.ones(2)}, r"save: cannot store task 'w' of type Tensor"),
     (torch.ones(2), r"save: cannot store an object of type Tensor; expected one of \['Estimate', 'EMAState', "
-                    r"'SumState'\] or a \{task: state\} dict"),
+                    r"'SumState', 'KFAC', 'KFACEMAState'\] or a \{task: state\} dict"),
     ({1: ffx.Estimate({"w": torch.ones(2)}, torch.tensor(1))}, r"save: task names must be strings without '/' .*"
                                                                 r", got 1"),
     ({"a/b": ffx.Estimate({"w": torch.ones(2)}, torch.tensor(1))}, r"task names must be strings without '/'"),
@@ -364,3 +364,131 @@ class ToyFactors(NamedTuple):
     count: torch.Tensor
 
 
+
+
+# --- K-FAC factors ---------------------------------------------------------------------------------------
+
+def kfac_module():
+    import importlib
+
+    return importlib.import_module("fisherfx._kfac")
+
+
+@pytest.fixture(scope="module")
+def factors():
+    """K-FAC of an MLP (layers with biases) and of GPT-2 (transposed Conv1D, an Embedding's diagonal A, diagonals)."""
+    from tests.cases import BY_NAME
+    from tests.cases import build as build_case
+
+    k = kfac_module()
+    out = {}
+    for name in ("mlp-categorical", "gpt2-right-pad"):
+        b = build_case(BY_NAME[name])
+        fac = k.kfac(b.problem, b.params, b.batch, normalize="tokens" if name.startswith("gpt2") else "samples")
+        out[name] = (b.params, fac)
+    return out
+
+
+def assert_same_kfac(got, want):
+    k = kfac_module()
+    assert type(got) is type(want)
+    if isinstance(want, k.KFACEMAState):
+        for part in ("A", "G", "diagonal"):
+            assert_same(getattr(got, part), getattr(want, part))
+        assert (got.names, got.transposed, got.shapes, got.mode, got.kind, got.provenance) == \
+               (want.names, want.transposed, want.shapes, want.mode, want.kind, want.provenance)
+        return
+    assert list(got.layers) == list(want.layers) and list(got.diagonal) == list(want.diagonal)
+    for key, layer in want.layers.items():
+        g = got.layers[key]
+        assert (g.names, g.transposed, int(g.a_count), g.a_count.dtype) == \
+               (layer.names, layer.transposed, int(layer.a_count), torch.int64)
+        assert_tree_close({"A": g.A, "G": g.G}, {"A": layer.A, "G": layer.G}, **BITWISE)
+    assert_tree_close(got.diagonal, want.diagonal, **BITWISE)
+    assert int(got.count) == int(want.count) and got.count.dtype == torch.int64
+    assert (got.shapes, got.mode, got.kind, got.provenance) == (want.shapes, want.mode, want.kind, want.provenance)
+    assert (got.eig is None) == (want.eig is None)
+    if want.eig is not None:
+        for key, e in want.eig.items():
+            for field, t in e._asdict().items():
+                have = getattr(got.eig[key], field)
+                assert (have is None) == (t is None), (key, field)
+                if t is not None:
+                    assert torch.equal(have, t), (key, field)
+
+
+@pytest.mark.parametrize("name", ["mlp-categorical", "gpt2-right-pad"])
+def test_kfac_round_trip(factors, tmp_path, name):
+    k = kfac_module()
+    params, fac = factors[name]
+    path = tmp_path / "k.safetensors"
+    save(path, fac)
+    assert_same_kfac(load(path, params=params), fac)
+    save(path, k.kfac_eig(fac))  # the eigendecompositions are kept
+    assert_same_kfac(load(path), k.kfac_eig(fac))
+    state = k.kfac_ema_update(k.kfac_ema_init(fac, 0.9), fac)
+    save(path, {"ema": state, "fresh": k.kfac_ema_init(fac, 0.5), "kfac": fac})
+    got = load(path, params=params)
+    assert_same_kfac(got["ema"], state)
+    assert_same_kfac(got["fresh"], k.kfac_ema_init(fac, 0.5))
+    assert_same_kfac(got["kfac"], fac)
+    assert_same_kfac(k.kfac_ema_value(got["ema"]), k.kfac_ema_value(state))
+
+
+def test_an_ekfac_keeps_its_eigenvalues(factors, tmp_path):
+    from tests.cases import BY_NAME
+    from tests.cases import build as build_case
+
+    k = kfac_module()
+    b = build_case(BY_NAME["mlp-categorical"])
+    e = k.ekfac(b.problem, b.params, b.batch)
+    save(tmp_path / "e.safetensors", e)
+    got = load(tmp_path / "e.safetensors")
+    assert_same_kfac(got, e)
+    assert got.provenance.quantity == "ekfac"
+    assert float(k.kfac_trace(got)) == float(k.kfac_trace(e))
+
+
+def test_a_plain_reader_sees_the_factors_under_flat_keys(factors, tmp_path):
+    params, fac = factors["gpt2-right-pad"]
+    save(tmp_path / "k.safetensors", fac)
+    tensors = load_file(tmp_path / "k.safetensors")
+    want = {f"{key}|{side}" for key in fac.layers for side in "AG"} | {f"{n}|diag" for n in fac.diagonal}
+    assert set(tensors) == want
+    layer = fac.layers["transformer.h.1.attn.c_attn.weight"]
+    assert torch.equal(tensors["transformer.h.1.attn.c_attn.weight|A"], layer.A)
+    header = read_header(tmp_path / "k.safetensors").fields
+    assert header["type"] == "KFAC" and header["mode"] == "expand" and header["count"] == int(fac.count)
+    assert header["provenance"]["quantity"] == "kfac" and header["provenance"]["normalize"] == "tokens"
+    assert header["layers"]["transformer.h.1.attn.c_attn.weight"]["names"] == list(layer.names)
+    assert header["params"]["transformer.wte.weight"] == {"shape": list(params["transformer.wte.weight"].shape)}
+
+
+def test_load_checks_the_factors_against_params(factors, tmp_path):
+    params, fac = factors["mlp-categorical"]
+    save(tmp_path / "k.safetensors", fac)
+    other = {**{k: v for k, v in params.items() if k != "2.bias"}, "0.weight": torch.zeros(6, 5),
+             "0.bias": torch.zeros(6), "3.weight": torch.zeros(1)}
+    with pytest.raises(ffx.FisherError) as err:
+        load(tmp_path / "k.safetensors", other)
+    message = str(err.value)
+    for part in ("in the file but not in params: '2.bias'", "in params but not in the file: '3.weight'",
+                 "'0.weight': the file has shape (6, 4), params (6, 5)",
+                 "layer '0.weight': the file's factors are A 5, G 6 (a layout of 6 x 5), the parameters ['0.weight', "
+                 "'0.bias'] of params give 6 x 6"):
+        assert part in message, message
+    load(tmp_path / "k.safetensors", {**params, "3.weight": torch.zeros(1)}, partial=True)
+
+
+def test_show_prints_a_kfac_file(factors, tmp_path, capsys):
+    from fisherfx._cli_fisher import show
+
+    k = kfac_module()
+    _, fac = factors["gpt2-right-pad"]
+    save(tmp_path / "k.safetensors", {"f": fac, "ema": k.kfac_ema_init(fac)})
+    show(str(tmp_path / "k.safetensors"), top=1)
+    out = capsys.readouterr().out
+    assert "[f] provenance: quantity=kfac, kind=empirical" in out and "[f] mode: expand" in out
+    assert "layer transformer.wpe.weight (transformer.wpe.weight, transposed): A diagonal" in out
+    assert f"[f] trace: {float(k.kfac_trace(fac)):.6g}" in out
+    assert "(no update yet)" in out
