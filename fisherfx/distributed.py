@@ -8,6 +8,13 @@ already sums and counts. A rank without data contributes a zero-count estimate (
 ``collect`` over an empty shard, or any estimate of count 0): it adds nothing, and the result is
 still exact. If no rank has data, every rank raises.
 
+K-FAC factors (a ``KFAC`` from :func:`~fisherfx.kfac`) are reduced the same way: the sums ``A·a_count``
+and ``a_count`` per layer, ``G·Z``, ``d·Z`` (the diagonals) and ``Z``, so that every rank gets
+:func:`~fisherfx.kfac_combine` of all ranks' factors, the K-FAC of the concatenated data (eigendecompositions
+are dropped, an EKFAC's eigenvalues with them). A rank without data passes factors of the same structure
+with zero counts (``count`` and every layer's ``a_count`` 0): they add nothing. Besides names and shapes,
+the ranks' layers, parameter shapes, mode and kind must agree.
+
 An :class:`~fisherfx.EMAState` is refused: an EMA has no counts, and the mean of the ranks' EMAs is
 the EMA of the ranks' mean estimates only when every rank has the same count at every step. Reduce
 the estimate, then update: ``state = ema_update(state, all_reduce(estimate))``, the same on every rank.
@@ -37,6 +44,7 @@ class _Held(NamedTuple):
     type: str
     tensors: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype)
     provenance: Provenance
+    structure: Any = None  # K-FAC: layers' parameter names and orientation, parameter shapes, mode, kind
 
 
 def _dist():
@@ -109,7 +117,68 @@ def _agree(dist: Any, group: Any, held: _Held) -> Provenance:
     for rank, other in enumerate(everyone[1:], start=1):
         before = "rank 0" if rank == 1 else f"ranks 0 to {rank - 1}"
         prov = merge_provenance("all_reduce", prov, other.provenance, (before, f"rank {rank}"))
+    for rank, other in enumerate(everyone[1:], start=1):  # K-FAC: after the provenance, as kfac_combine checks
+        if other.structure != first.structure:
+            a, b = first.structure, other.structure
+            field = next(f for f in a if a[f] != b[f])
+            raise FisherError(f"all_reduce: rank 0 and rank {rank} hold factors of different {field}: "
+                              f"{a[field]!r} on rank 0, {b[field]!r} on rank {rank}")
     return prov
+
+
+KFAC_TYPE = "fisherfx._kfac.KFAC"  # named, not imported: this module imports no engine
+
+
+def _is_kfac(obj: Any) -> bool:
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}" == KFAC_TYPE
+
+
+def _all_reduce_kfac(dist: Any, group: Any, fac: Any) -> Any:
+    """:func:`~fisherfx.kfac_combine` of every rank's factors: ``Σ A·a_count / Σ a_count`` per layer,
+    ``Σ G·Z / Σ Z`` and ``Σ d·Z / Σ Z``, with ``Z`` the count.
+    """
+    layers, diagonal = fac.layers, fac.diagonal
+    keys = list(layers)
+    made = fac.provenance or NO_PROVENANCE
+    made = made._replace(quantity="kfac") if made.quantity == "ekfac" else made  # the eigenvalues are dropped
+    tensors = [(f"{k}|{side}", getattr(layers[k], side)) for k in keys for side in ("A", "G")]
+    tensors += [(f"{n}|diag", d) for n, d in diagonal.items()]
+    structure = {"layers": {k: (tuple(layers[k].names), bool(layers[k].transposed)) for k in keys},
+                 "parameters": {n: tuple(s) for n, s in fac.shapes.items()}, "mode": fac.mode, "kind": fac.kind}
+    held = _Held("KFAC", tuple((n, tuple(t.shape), str(t.dtype)) for n, t in tensors), made, structure)
+    prov = _agree(dist, group, held)
+    count = fac.count.to(torch.int64).reshape(())
+    rows = [layers[k].a_count.to(torch.int64).reshape(()) for k in keys]
+
+    def weighted(t: Tensor, z: Tensor) -> Tensor:  # the sum, accumulated as kfac_combine's combine
+        return t.to(_acc(t)) * z.to(device=t.device, dtype=_acc(t))
+
+    sums = []
+    for k, r in zip(keys, rows, strict=True):
+        sums += [weighted(layers[k].A, r), weighted(layers[k].G, count)]
+    sums += [weighted(d, count) for d in diagonal.values()]
+    device = _device(dist, group, sums[0] if sums else count)
+    counts = torch.stack([*rows, count]).to(device)
+    *summed, totals = _sum_buckets(dist, group, [*sums, counts], device)
+    total = totals[-1].to(fac.count.device)
+    if int(total) == 0:
+        raise FisherError("all_reduce: every rank's factors have count 0; no rank had data")
+
+    def back(s: Tensor, z: Tensor, like: Tensor) -> Tensor:
+        s = s / z.to(s) if int(z) else s  # no rows anywhere: zeros (nothing was averaged)
+        return s.to(device=like.device, dtype=like.dtype)
+
+    out_layers = {}
+    for i, k in enumerate(keys):
+        layer = layers[k]
+        out_layers[k] = layer._replace(A=back(summed[2 * i], totals[i], layer.A),
+                                       G=back(summed[2 * i + 1], totals[-1], layer.G),
+                                       a_count=totals[i].to(layer.a_count.device).reshape(()))
+    rest = summed[2 * len(keys):]
+    out_diagonal = {n: back(s, totals[-1], d) for (n, d), s in zip(diagonal.items(), rest, strict=True)}
+    return fac._replace(layers=out_layers, diagonal=out_diagonal, count=total.reshape(()), eig=None,
+                        provenance=prov)
 
 
 def all_reduce(estimate_or_state: "Estimate | SumState", group: Any = None) -> "Estimate | SumState":
@@ -119,7 +188,8 @@ def all_reduce(estimate_or_state: "Estimate | SumState", group: Any = None) -> "
     (a rank without data passes a zero-count estimate, see the module docstring).
 
     Args:
-        estimate_or_state: an :class:`~fisherfx.Estimate` or a :class:`~fisherfx.SumState`.
+        estimate_or_state: an :class:`~fisherfx.Estimate`, a :class:`~fisherfx.SumState` or K-FAC factors
+            (``KFAC``; the result is :func:`~fisherfx.kfac_combine` of all ranks').
         group: a ``torch.distributed`` process group; default: the whole world.
 
     Returns:
@@ -137,10 +207,12 @@ def all_reduce(estimate_or_state: "Estimate | SumState", group: Any = None) -> "
     if isinstance(obj, EMAState):
         raise FisherError("all_reduce: an EMAState cannot be reduced exactly (an EMA keeps no counts); reduce the "
                           "estimate before the update, on every rank: state = ema_update(state, all_reduce(est))")
+    if _is_kfac(obj):
+        return _all_reduce_kfac(_dist(), group, obj)
     if not isinstance(obj, (Estimate, SumState)):
         what = "a dict (reduce each value in turn, in the same order on every rank)" if isinstance(obj, Mapping) \
             else type(obj).__name__
-        raise FisherError(f"all_reduce: expected an Estimate or a SumState, got {what}")
+        raise FisherError(f"all_reduce: expected an Estimate, a SumState or a KFAC, got {what}")
     dist = _dist()
     values = obj.value if isinstance(obj, Estimate) else obj.total
     names = list(values)

@@ -21,6 +21,7 @@ from torch import nn
 
 import fisherfx as ffx
 from fisherfx._collect import collect
+from fisherfx._kfac import kfac_combine
 from fisherfx.distributed import all_reduce
 from fisherfx.testing import assert_tree_close
 from tests.strategies import SAME_MATH_F64, build, randint, randn
@@ -198,6 +199,75 @@ def fsdp2_full_state_dict_to_a_plain_copy(rank):
     assert_tree_close(got.value, ffx.diag_fisher(problem, params, whole, dtype=F64).value, **SAME_MATH_F64)
 
 
+# --- K-FAC factors ---------------------------------------------------------------------------------------
+
+def kfac_of(problem, params, batches, **options):
+    return kfac_combine([ffx.kfac(problem, params, b, dtype=F64, **options) for b in batches])
+
+
+def assert_same_factors(got, want):
+    assert list(got.layers) == list(want.layers) and list(got.diagonal) == list(want.diagonal)
+    for key, layer in want.layers.items():
+        g = got.layers[key]
+        assert_tree_close({"A": g.A, "G": g.G}, {"A": layer.A, "G": layer.G}, **SAME_MATH_F64)
+        assert int(g.a_count) == int(layer.a_count) and g.names == layer.names
+    assert_tree_close(got.diagonal, want.diagonal, **SAME_MATH_F64)
+    assert int(got.count) == int(want.count) and got.provenance == want.provenance
+    assert (got.mode, got.kind, got.shapes, got.eig) == (want.mode, want.kind, want.shapes, None)
+
+
+def token_setting():
+    """A per-position tagger on ``[N, T, 3]`` with padded targets (``-100``) and a LayerNorm (a diagonal)."""
+    model = build(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 3)), seed=1)
+    batches = []
+    for i, n in enumerate(SIZES):
+        y = randint(40 + i, 3, n, 4)
+        y[torch.arange(n), torch.arange(n) % 4] = -100  # one padded position per row, not always the same
+        batches.append((randn(30 + i, n, 4, 3), y))
+    whole = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    return ffx.supervised(model, ffx.Categorical()), ffx.params_of(model), batches, whole
+
+
+@scenario
+def kfac_factors_of_uneven_shards_are_those_of_all_the_data(rank):
+    problem, params, batches, whole = setting()
+    got = all_reduce(kfac_of(problem, params, [batches[i] for i in SHARDS[rank]]))
+    assert_same_factors(got, ffx.kfac(problem, params, whole, dtype=F64))
+
+
+@scenario
+def kfac_factors_of_padded_tokens(rank):
+    problem, params, batches, whole = token_setting()
+    for mode in ("expand", "reduce"):
+        options = dict(mode=mode, normalize="tokens")
+        got = all_reduce(kfac_of(problem, params, [batches[i] for i in SHARDS[rank]], **options))
+        want = ffx.kfac(problem, params, whole, dtype=F64, **options)
+        assert "2.weight" in want.diagonal
+        assert_same_factors(got, want)
+
+
+@scenario
+def kfac_a_rank_with_zero_counts_contributes_nothing(rank):
+    problem, params, batches, _ = setting()
+    mine = kfac_of(problem, params, batches[:2])
+    if rank == 1:  # no data: factors of the same structure with zero counts
+        zero = torch.zeros((), dtype=torch.int64)
+        mine = mine._replace(count=zero, layers={k: f._replace(a_count=zero) for k, f in mine.layers.items()})
+    assert_same_factors(all_reduce(mine), kfac_of(problem, params, batches[:2]))
+
+
+@scenario
+def kfac_other_modes_or_kinds_are_refused_on_every_rank(rank):
+    problem, params, batches, _ = setting()
+    fac = ffx.kfac(problem, params, batches[rank], mode="expand" if rank == 0 else "reduce")
+    expect_error(lambda: all_reduce(fac), "all_reduce: rank 0 and rank 1 hold factors of different mode: 'expand' "
+                                          "on rank 0, 'reduce' on rank 1")
+    fac = ffx.kfac(problem, params, batches[rank], kind="empirical" if rank == 0 else "mc",
+                   generator=torch.Generator().manual_seed(0))
+    expect_error(lambda: all_reduce(fac), "all_reduce: cannot mix estimates of different kind: rank 0: "
+                                          "kind='empirical'; rank 1: kind='mc'")
+
+
 def _doc_scripts() -> list[str]:
     """The complete scripts of docs/distributed.md (``python`` fences; ``py`` ones are fragments)."""
     return re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S) if DOCS.exists() else []
@@ -296,7 +366,7 @@ def test_all_reduce_needs_an_initialised_process_group():
 
 @pytest.mark.parametrize(("obj", "message"), [
     ({"a": ffx.Estimate({"w": torch.ones(2)}, torch.tensor(1))}, "got a dict"),
-    (torch.ones(2), "expected an Estimate or a SumState, got Tensor"),
+    (torch.ones(2), "expected an Estimate, a SumState or a KFAC, got Tensor"),
 ])
 def test_all_reduce_takes_estimates_and_sums_only(obj, message):
     with pytest.raises(ffx.FisherError, match=message):
