@@ -22,7 +22,9 @@ moment leaves the previous file as it was (and at worst a ``.<name>.<random>.tmp
 **Extension point.** Each storable type is a :class:`Codec` in :data:`CODECS`: its ``name`` (the
 header's ``type``), the Python ``type``, ``encode(obj) -> (tensors by key, JSON-able fields)``,
 ``decode(tensors, fields) -> obj`` and ``differences(obj, params, partial) -> [messages]`` for
-``load(params=...)``. A new type (K-FAC factors) adds its codec to :data:`CODECS`. This module imports no
+``load(params=...)``. K-FAC factors (``KFAC``, ``KFACEMAState``) are stored by codecs of their own under
+``"<layer>|A"``, ``"<layer>|G"`` and ``"<name>|diag"`` (eigendecompositions, when present, under
+``"<layer>|eig.<field>"``). A new type adds its codec to :data:`CODECS`. This module imports no
 engine, so a type defined beside one (``fisherfx._kfac.KFAC``) is named by its ``"module.QualName"`` string
 and its ``decode`` imports the module when called. Its keys should follow the ones above
 (``"<layer>|A"``, ``"<layer>|G"``, say).
