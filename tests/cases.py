@@ -113,6 +113,17 @@ def cnn_conv2d() -> Built:
     return _supervised(model, ffx.Gaussian(sigma=1.5), x, torch.randn(3, 2, generator=g, dtype=DTYPE))
 
 
+class Transposed(nn.Module):
+    """``[N, T, C]`` outputs as the ``[N, C, T]`` that ``nn.CrossEntropyLoss`` reads over sequences (for peers)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).transpose(1, 2)
+
+
 class Tagger(nn.Module):
     """Embedding → LayerNorm → Linear per position: logits ``[N, T, C]``."""
 

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 import fisherfx as ffx
 from fisherfx import operators as ops
 from fisherfx import vectors
+from tests.cases import Transposed
 
 curvlinops = pytest.importorskip("curvlinops")
 
@@ -50,17 +51,6 @@ K = 3  # vectors per comparison, multiplied as one [D, K] matrix by curvlinops a
 
 def _seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-class Transposed(nn.Module):
-    """``[N, T, C]`` outputs as the ``[N, C, T]`` that ``nn.CrossEntropyLoss`` reads over sequences."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x).transpose(1, 2)
 
 
 class Tagger(nn.Module):

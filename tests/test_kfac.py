@@ -19,7 +19,7 @@ from torch import Tensor, nn
 import fisherfx as ffx
 from fisherfx import testing, vectors
 from fisherfx.spectrum import cg_solve
-from tests.cases import BY_NAME, CASES, LM_CASES, build, case_id
+from tests.cases import BY_NAME, CASES, LM_CASES, Transposed, build, case_id
 
 # the module (``fisherfx.kfac`` is the function)
 K = importlib.import_module("fisherfx._kfac")
@@ -69,17 +69,6 @@ def case_kfac(name: str, kind: str, mode: str, normalize: str = "tokens") -> K.K
 
 
 # --- agreement with curvlinops' KFACLinearOperator -----------------------------------------------
-
-class Transposed(nn.Module):
-    """``[N, T, C]`` logits as the ``[N, C, T]`` that ``nn.CrossEntropyLoss`` reads over sequences."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x).transpose(1, 2)
-
 
 class Tagger(nn.Module):
     """A position-wise sequence model: ``[N, T, d]`` features → ``[N, T, C]`` logits."""
