@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ._errors import FisherError
-from ._krylov import Flat, Matvec, finite_number, positive_int
+from ._krylov import Flat, Matvec
+from ._options import finite_number, positive_int
 
 
 class CGResult(NamedTuple):

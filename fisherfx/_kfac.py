@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from . import fisher
 from ._errors import FisherError
+from ._options import finite_number
 from .engines import _tap_kfac as kfac_taps
 from .engines import _tap_layers as tap_layers
 from .engines import taps
@@ -397,14 +398,6 @@ def kfac_vp(fac: KFAC, v: Mapping[str, Tensor]) -> Vector:
     return {name: out[name].to(v[name].dtype) for name in fac.shapes}
 
 
-def _positive(where: str, damping: Any) -> float:
-    if isinstance(damping, Tensor) and damping.numel() == 1:
-        damping = damping.item()
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping <= 0:
-        raise FisherError(f"{where}: damping must be a finite number > 0 (the inverse needs it), got {damping!r}")
-    return float(damping)
-
-
 def _pi(layer: Factors) -> float:
     """Martens & Grosse (2015, §6.3): ``π = sqrt((tr A / dim A) / (tr G / dim G))``."""
     tr_a = float(layer.A.sum() if layer.A.ndim == 1 else layer.A.diagonal().sum()) / layer.A.shape[0]
@@ -426,7 +419,7 @@ def kfac_solve(fac: KFAC, v: Mapping[str, Tensor], damping: float, damping_kind:
     """
     where = "kfac_solve"
     fac = _check_fac(where, fac)
-    lam = _positive(where, damping)
+    lam = finite_number(where, "damping", damping, strict=True)
     if damping_kind not in DAMPINGS:
         raise FisherError(f"{where}: damping_kind must be one of {list(DAMPINGS)}, got {damping_kind!r}")
     v = _vector(where, fac, v)
@@ -472,7 +465,7 @@ def kfac_inverse(fac: KFAC, damping: float) -> KFAC:
     """
     where = "kfac_inverse"
     fac = _check_fac(where, fac)
-    lam = _positive(where, damping)
+    lam = finite_number(where, "damping", damping, strict=True)
     eigs = _eigs(fac)
     root = math.sqrt(lam)
     layers_ = {}
@@ -536,7 +529,7 @@ def kfac_logdet(fac: KFAC, damping: float = 0.0) -> Tensor:
     """
     where = "kfac_logdet"
     fac = _check_fac(where, fac)
-    lam = 0.0 if damping == 0 else _positive(where, damping)
+    lam = 0.0 if damping == 0 else finite_number(where, "damping", damping, strict=True)
     values = _all_eigenvalues(fac)
     return torch.log(values.to(torch.float64).clamp(min=0) + lam).sum()
 

@@ -6,7 +6,6 @@ The arithmetic runs in ``like``'s dtype promoted to at least float32; the matvec
 vectors in each parameter's own dtype and device.
 """
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Literal, NamedTuple
 
@@ -22,27 +21,6 @@ Matvec = Callable[[dict[str, Tensor]], Mapping[str, Tensor]]
 # units of rounding of the operator's scale seen so far: full reorthogonalisation leaves a residual of
 # a few eps·‖A‖·(step count) there, well under it; a genuine direction is far above it.
 BREAKDOWN_EPS = 1e3
-
-
-def positive_int(where: str, option: str, value: object, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise FisherError(f"{where}: {option} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def finite_number(where: str, option: str, value: object, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or value < minimum or (strict and value == minimum):
-        relation = ">" if strict else ">="
-        raise FisherError(f"{where}: {option} must be a finite number {relation} {minimum}, got {value!r}")
-    return float(value)
-
-
-def check_generator(where: str, generator: object) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise FisherError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 class Flat:

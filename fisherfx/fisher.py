@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ._errors import FisherError
+from ._options import choice
 from .engines import generic, taps
 from .groups import Groups, check_groups, reduce_groups, some_names
 from .problems import Prepared, Problem
@@ -37,19 +38,14 @@ ENGINES = ("auto", "generic", "taps")
 DTYPES = (torch.float32, torch.float64)
 
 
-def _choice(where: str, option: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise FisherError(f"{where}: {option} must be one of {list(allowed)}, got {value!r}")
-
-
 def check_options(where: str, kind: str, n_samples: int, per: str, normalize: str, engine: str,
                   dtype: torch.dtype, chunk_size: int | None = None) -> None:
     """Validate the shared estimator options at the API boundary."""
-    _choice(where, "kind", kind, KINDS)
-    _choice(where, "per", per, PERS)
-    _choice(where, "normalize", normalize, NORMALIZES)
-    _choice(where, "engine", engine, ENGINES)
-    _choice(where, "dtype", dtype, DTYPES)
+    choice(where, "kind", kind, KINDS)
+    choice(where, "per", per, PERS)
+    choice(where, "normalize", normalize, NORMALIZES)
+    choice(where, "engine", engine, ENGINES)
+    choice(where, "dtype", dtype, DTYPES)
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise FisherError(f"{where}: n_samples must be a positive integer, got {n_samples!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
@@ -423,7 +419,7 @@ def per_sample_grads(
 
     """
     where = "per_sample_grads"
-    _choice(where, "kind", kind, ("empirical", "mc"))
+    choice(where, "kind", kind, ("empirical", "mc"))
     check_options(where, kind, 1, per, "samples", "generic", torch.float32, chunk_size)
     params = check_params(where, problem, params)
     b = prepare_batch(where, problem, params, batch, kind, 1, generator, "samples")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import FisherError
+from ._options import positive_int
 from .fisher import ENGINES, KINDS, NORMALIZES, OPTIONS, PERS, diag_fisher, group_fisher
 from .groups import channels
 from .io import provenance_from_json, provenance_to_json, save
@@ -62,12 +63,6 @@ def _check_task(where: str, task: Any) -> str:
         raise FisherError(f"{where}: a task must be a non-empty string without '/' (it names the task in the "
                           f"logs and in the saved file), got {task!r}")
     return task
-
-
-def _positive_int(where: str, name: str, value: Any, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise FisherError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class FisherCallback(pl.Callback):
@@ -141,9 +136,9 @@ class FisherCallback(pl.Callback):
                                      ("engine", options.get("engine", "auto"), ENGINES)):
             if value not in allowed:
                 raise FisherError(f"{where}: {name} must be one of {list(allowed)}, got {value!r}")
-        _positive_int(where, "n_samples", n_samples)
-        _positive_int(where, "every_n_steps", every_n_steps)
-        _positive_int(where, "log_top", log_top, minimum=0)
+        positive_int(where, "n_samples", n_samples)
+        positive_int(where, "every_n_steps", every_n_steps)
+        positive_int(where, "log_top", log_top, minimum=0)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < float(decay) < 1.0:
             raise FisherError(f"{where}: decay must be a number in (0, 1), got {decay!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):

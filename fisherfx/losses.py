@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._errors import FisherError
+from ._options import choice
 from .fisher import NORMALIZES, Normalize, check_params
 from .likelihoods import check_classes, check_shapes
 from .problems import Prepared, Problem, forward_failure
@@ -59,8 +60,7 @@ def nll(problem: Problem, params: Mapping[str, Tensor], batch: Any, normalize: N
 
     """
     where = "nll"
-    if normalize not in NORMALIZES:
-        raise FisherError(f"{where}: normalize must be one of {list(NORMALIZES)}, got {normalize!r}")
+    choice(where, "normalize", normalize, NORMALIZES)
     params = check_params(where, problem, params, allow_empty=True, buffers=True)
     prepared = problem.prepare(batch)
     active = prepared.active  # [N, T]

@@ -34,20 +34,13 @@ from ._kfac import (
     kfac_solve,
     kfac_vp,
 )
+from ._options import finite_number
 from .problems import Problem
 from .spectrum import cg_solve
 from .state import Estimate
 from .vectors import Vector, check_vector, dot
 
 Matvec = Callable[[dict[str, Tensor]], Mapping[str, Tensor]]
-
-
-def _damping(where: str, damping: Any) -> float:
-    if isinstance(damping, Tensor) and damping.numel() == 1:
-        damping = damping.item()
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping <= 0:
-        raise FisherError(f"{where}: damping must be a finite number > 0, got {damping!r}")
-    return float(damping)
 
 
 def natural_gradient(grads: Mapping[str, Tensor], curvature: "Estimate | KFAC | Matvec", damping: float,
@@ -72,7 +65,7 @@ def natural_gradient(grads: Mapping[str, Tensor], curvature: "Estimate | KFAC | 
 
     """
     where = "natural_gradient"
-    lam = _damping(where, damping)
+    lam = finite_number(where, "damping", damping, strict=True)
     if isinstance(curvature, KFAC):
         return kfac_solve(curvature, grads, lam, damping_kind)
     if isinstance(curvature, Estimate):
@@ -155,7 +148,7 @@ def kfac_optimizer(problem: Problem, lr: float = 0.3, damping: float = 1e-2, dec
 
     """
     where = "kfac_optimizer"
-    lam = _damping(where, damping)
+    lam = finite_number(where, "damping", damping, strict=True)
     for option, value, low in (("lr", lr, 0.0), ("momentum", momentum, 0.0)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
             raise FisherError(f"{where}: {option} must be a finite number >= {low}, got {value!r}")

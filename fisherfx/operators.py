@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from ._errors import FisherError
+from ._options import choice
 from .engines import taps
 from .fisher import NORMALIZES, PERS, Normalize, Per, check_params, prepare_batch
 from .losses import summed_nll
@@ -157,8 +158,7 @@ def _fisher_product(where: str, problem: Problem, params: Mapping[str, Tensor], 
                     generator: torch.Generator | None = None) -> Vector:
     """``(1/Σ_b Z_b) Σ_b Σ_n J_nᵀ u_n`` with ``u = cotangent(f, J v)`` per batch: the shared Fisher product."""
     params, v, k = _check(where, problem, params, v, normalize)
-    if per not in PERS:
-        raise FisherError(f"{where}: per must be one of {list(PERS)}, got {per!r}")
+    choice(where, "per", per, PERS)
     tangents = _tangents(v, params)
 
     def product(prepared: Prepared, noise: Tensor | None) -> Vector:
@@ -173,8 +173,7 @@ def _fisher_product(where: str, problem: Problem, params: Mapping[str, Tensor], 
 
 def _check(where: str, problem: Problem, params: Mapping[str, Tensor], v: Mapping[str, Tensor],
            normalize: str) -> tuple[Vector, Vector, int | None]:
-    if normalize not in NORMALIZES:
-        raise FisherError(f"{where}: normalize must be one of {list(NORMALIZES)}, got {normalize!r}")
+    choice(where, "normalize", normalize, NORMALIZES)
     params = check_params(where, problem, params)
     v, k = check_vector(where, v, params)
     return params, v, k

@@ -26,16 +26,8 @@ from torch import Tensor
 from . import vectors
 from ._cg import CGResult, cg_solve
 from ._errors import FisherError
-from ._krylov import (
-    Flat,
-    Matvec,
-    check_generator,
-    finite_number,
-    lanczos_run,
-    orthogonalize,
-    positive_int,
-    tridiagonal_eigh,
-)
+from ._krylov import Flat, Matvec, lanczos_run, orthogonalize, tridiagonal_eigh
+from ._options import check_generator, finite_number, positive_int
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator

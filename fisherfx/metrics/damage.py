@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._errors import FisherError
+from .._options import choice
 from ..fisher import NORMALIZES, Normalize, check_params
 from ..likelihoods import Bernoulli, Categorical, Gaussian, check_classes, check_shapes
 from ..losses import summed_nll
@@ -114,8 +115,7 @@ def measured_damage(where: str, problem: Problem, params: Mapping[str, Tensor], 
 
 def check_pair(where: str, problem: Problem, params: Mapping[str, Tensor], new_params: Mapping[str, Tensor],
                 normalize: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    if normalize not in NORMALIZES:
-        raise FisherError(f"{where}: normalize must be one of {list(NORMALIZES)}, got {normalize!r}")
+    choice(where, "normalize", normalize, NORMALIZES)
     params = check_params(where, problem, params)
     new_params, _ = check_vector(where, check_params(where, problem, new_params), params, option="new_params",
                                  batched=False)

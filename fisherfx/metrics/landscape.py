@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.func import grad_and_value
 
 from .._errors import FisherError
+from .._options import check_generator, choice
 from ..fisher import NORMALIZES, Normalize, check_params
 from ..losses import nll
 from ..problems import Problem
@@ -48,10 +49,8 @@ class Flatness(NamedTuple):
 
 def _setup(where: str, problem: Problem, params: Mapping[str, Tensor], normalize: str,
            generator: Any) -> dict[str, Tensor]:
-    if normalize not in NORMALIZES:
-        raise FisherError(f"{where}: normalize must be one of {list(NORMALIZES)}, got {normalize!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise FisherError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    choice(where, "normalize", normalize, NORMALIZES)
+    check_generator(where, generator)
     params = check_params(where, problem, params)
     return {name: p.detach() for name, p in params.items()}
 

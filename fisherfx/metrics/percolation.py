@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._errors import FisherError
 from .._kfac import KFAC, kfac_vp
+from .._options import check_generator, choice
 from ..fisher import NORMALIZES, Normalize, check_params
 from ..groups import Group, Groups, check_groups, expand_groups, some_names
 from ..operators import batches_of
@@ -114,11 +115,6 @@ def _epsilon(where: str, value: Any) -> float:
     if not 0.0 <= eps < math.inf:
         raise FisherError(f"{where}: epsilon must be a finite number ≥ 0, got {value!r}")
     return eps
-
-
-def _choice(where: str, option: str, value: Any, allowed: tuple) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise FisherError(f"{where}: {option} must be one of {list(allowed)}, got {value!r}")
 
 
 def values_of(where: str, option: str, x: Any) -> dict[str, Tensor]:
@@ -205,7 +201,7 @@ def _direction(where: str, direction: Any, like: dict[str, Tensor], generator: t
     """Raw direction ``{name: [*P]}`` over the grouped parameters, drawn as one flat vector."""
     work = _work_dtype(like)
     if isinstance(direction, str):
-        _choice(where, "direction", direction, DIRECTIONS)
+        choice(where, "direction", direction, DIRECTIONS)
         distribution = "gaussian" if direction == "gaussian" else "rademacher"
         return random_like(like, generator=generator, distribution=distribution, dtype=work)
     if not isinstance(direction, Mapping):
@@ -305,13 +301,12 @@ def concentrated_perturbation(
     where = "concentrated_perturbation"
     concentration = _concentration(where, concentration)
     epsilon = _epsilon(where, epsilon)
-    _choice(where, "select", select, SELECTS)
-    _choice(where, "scope", scope, SCOPES)
-    _choice(where, "score", score, SCORES)
+    choice(where, "select", select, SELECTS)
+    choice(where, "scope", scope, SCOPES)
+    choice(where, "score", score, SCORES)
     if not isinstance(relative, bool):
         raise FisherError(f"{where}: relative must be True or False, got {relative!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise FisherError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(where, generator)
     if not isinstance(params, Mapping) or not params:
         raise FisherError(f"{where}: params must be a non-empty {{name: tensor}} dict")
     if not isinstance(groups, Mapping) or not groups:
@@ -560,7 +555,7 @@ def percolation_sweep(
     epss = _floats(where, "epsilons", epsilons, _epsilon)
     selects = list(selects) if not isinstance(selects, str) else [selects]
     for s in selects:
-        _choice(where, "selects", s, SELECTS)
+        choice(where, "selects", s, SELECTS)
     if not selects:
         raise FisherError(f"{where}: selects is empty; expected some of {list(SELECTS)}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -569,8 +564,7 @@ def percolation_sweep(
     if unknown:
         raise FisherError(f"{where}: unknown keyword arguments {unknown}; expected some of "
                           "['scope', 'relative', 'score', 'direction']")
-    if normalize not in NORMALIZES:
-        raise FisherError(f"{where}: normalize must be one of {list(NORMALIZES)}, got {normalize!r}")
+    choice(where, "normalize", normalize, NORMALIZES)
     params = check_params(where, problem, params)
     runs, count = base_runs(where, problem, params, list(batches_of(batches)), normalize, keep=True)
     risk_args = (importance, groups) if curvature is None else (curvature, None)
