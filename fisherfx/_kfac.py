@@ -52,7 +52,7 @@ from .state import (
     merge_provenance,
     provenance,
 )
-from .vectors import Vector, check_vector, unflatten
+from .vectors import Vector, check_vector, non_finite, unflatten
 
 Mode = Literal["expand", "reduce"]
 DampingKind = Literal["tikhonov", "pi"]
@@ -255,16 +255,14 @@ def _check_finite(where: str, fac: KFAC) -> None:
     """Raise for a non-finite factor or diagonal. A second moment's diagonal holds every non-finite entry's
     row (``|M_ij| ≤ (M_ii M_jj)^{1/2}``), so the diagonals are checked (not a pass over a large ``A``).
     """
-    every = [(t if t.ndim == 1 else t.diagonal()).sum() for layer in fac.layers.values() for t in (layer.A, layer.G)]
-    every += [d.sum() for d in fac.diagonal.values()]
-    if bool(torch.stack(every).isfinite().all()):  # one check for all; a sum is finite only when every entry is
-        return
-    for key, layer in fac.layers.items():
-        if not all(bool(torch.isfinite(t if t.ndim == 1 else t.diagonal()).all()) for t in (layer.A, layer.G)):
-            raise FisherError(f"{where}: non-finite Kronecker factors for layer {key!r} (inf or NaN in the model)")
-    for name, d in fac.diagonal.items():
-        if not bool(torch.isfinite(d).all()):
-            raise FisherError(f"{where}: non-finite diagonal for parameter {name!r} (inf or NaN in the model)")
+    diagonals = {key: torch.cat([t if t.ndim == 1 else t.diagonal() for t in (layer.A, layer.G)])
+                 for key, layer in fac.layers.items()}
+    bad = non_finite(diagonals)
+    if bad is not None:
+        raise FisherError(f"{where}: non-finite Kronecker factors for layer {bad!r} (inf or NaN in the model)")
+    bad = non_finite(fac.diagonal)
+    if bad is not None:
+        raise FisherError(f"{where}: non-finite diagonal for parameter {bad!r} (inf or NaN in the model)")
 
 
 # --- layouts ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from .engines import generic, taps
 from .groups import Groups, check_groups, reduce_groups, some_names
 from .problems import Prepared, Problem
 from .state import Estimate, Provenance, cast, provenance
+from .vectors import non_finite
 
 Kind = Literal["empirical", "mc", "exact"]
 Per = Literal["sample", "token"]
@@ -147,8 +148,8 @@ def output_width(where: str, problem: Problem, params: Mapping[str, Tensor], pre
 
 def _finish(where: str, sums: dict[str, Tensor], scale: float, count: Tensor, storage_dtype, device,
             made: Provenance) -> Estimate:
-    if sums and not bool(torch.stack([s.sum() for s in sums.values()]).isfinite().all()):  # one check for all
-        bad = next(name for name, s in sums.items() if not bool(torch.isfinite(s).all()))
+    bad = non_finite(sums)  # one reduction for all
+    if bad is not None:
         raise FisherError(f"{where}: non-finite gradients for parameter {bad!r} (inf or NaN in the loss or the "
                           "model)")
     factor = scale / float(count)
