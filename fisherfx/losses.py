@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ._errors import FisherError
 from ._options import choice
+from .engines.taps import check_outputs
 from .fisher import NORMALIZES, Normalize, check_params
-from .likelihoods import check_classes, check_shapes
 from .problems import Prepared, Problem, forward_failure
 
 
@@ -72,8 +72,7 @@ def nll(problem: Problem, params: Mapping[str, Tensor], batch: Any, normalize: N
         outputs = problem.forward(problem.model, params, prepared.inputs)  # [N, T, C]
     except Exception as err:
         raise forward_failure(where, problem, params, prepared.inputs, err) from err
-    check_shapes(problem.likelihood, outputs, prepared.targets, where)
-    check_classes(problem.likelihood, outputs, prepared.targets, active, where)
+    check_outputs(where, problem, outputs, prepared)
     count = {"samples": active.shape[0], "tokens": n_active, "none": 1}[normalize]
     return summed_nll(problem, outputs, prepared) / count
 

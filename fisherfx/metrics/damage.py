@@ -17,8 +17,9 @@ from torch import Tensor
 
 from .._errors import FisherError
 from .._options import choice
+from ..engines.taps import check_outputs
 from ..fisher import NORMALIZES, Normalize, check_params
-from ..likelihoods import Bernoulli, Categorical, Gaussian, check_classes, check_shapes
+from ..likelihoods import Bernoulli, Categorical, Gaussian
 from ..losses import summed_nll
 from ..operators import batches_of
 from ..problems import Prepared, Problem, forward_failure
@@ -77,8 +78,7 @@ def _outputs(where: str, problem: Problem, params: Mapping[str, Tensor], prepare
             raise
         except Exception as err:
             raise forward_failure(where, problem, params, prepared.inputs, err) from err
-    check_shapes(problem.likelihood, out, prepared.targets, where)
-    check_classes(problem.likelihood, out, prepared.targets, prepared.active, where)
+    check_outputs(where, problem, out, prepared)
     return out.to(ACCUMULATE)
 
 
