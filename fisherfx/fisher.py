@@ -126,8 +126,18 @@ def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], ba
         raise FisherError(f"{where}: the batch has no active position (all targets ignored or padded); "
                           "nothing to estimate")
     noise = draw_noise(problem, prepared, n_samples, generator) if kind == "mc" else None
-    count = {"samples": active.shape[0], "tokens": n_active, "none": 1}[normalize]
-    return Batch(prepared, noise, torch.tensor(count, dtype=torch.int64))
+    return Batch(prepared, noise, torch.tensor(normalizer(active, normalize, n_active), dtype=torch.int64))
+
+
+def normalizer(active: Tensor, normalize: str, n_active: int | None = None) -> int:
+    """``Z`` of one batch with active mask ``[N, T]``: ``N`` (``"samples"``), the active positions
+    (``"tokens"``, ``n_active`` when already counted) or 1 (``"none"``).
+    """
+    if normalize == "samples":
+        return active.shape[0]
+    if normalize == "tokens":
+        return int(active.sum()) if n_active is None else n_active
+    return 1
 
 
 def output_width(where: str, problem: Problem, params: Mapping[str, Tensor], prepared: Prepared) -> int:

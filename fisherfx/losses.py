@@ -18,7 +18,7 @@ from torch import Tensor
 from ._errors import FisherError
 from ._options import choice
 from .engines.taps import check_outputs
-from .fisher import NORMALIZES, Normalize, check_params
+from .fisher import NORMALIZES, Normalize, check_params, normalizer
 from .problems import Prepared, Problem, forward_failure
 
 
@@ -73,8 +73,7 @@ def nll(problem: Problem, params: Mapping[str, Tensor], batch: Any, normalize: N
     except Exception as err:
         raise forward_failure(where, problem, params, prepared.inputs, err) from err
     check_outputs(where, problem, outputs, prepared)
-    count = {"samples": active.shape[0], "tokens": n_active, "none": 1}[normalize]
-    return summed_nll(problem, outputs, prepared) / count
+    return summed_nll(problem, outputs, prepared) / normalizer(active, normalize, n_active)
 
 
 def summed_nll(problem: Problem, outputs: Tensor, prepared: Prepared) -> Tensor:

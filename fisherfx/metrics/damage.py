@@ -18,7 +18,7 @@ from torch import Tensor
 from .._errors import FisherError
 from .._options import choice
 from ..engines.taps import check_outputs
-from ..fisher import NORMALIZES, Normalize, check_params
+from ..fisher import NORMALIZES, Normalize, check_params, normalizer
 from ..likelihoods import Bernoulli, Categorical, Gaussian
 from ..losses import summed_nll
 from ..operators import batches_of
@@ -95,7 +95,7 @@ def base_runs(where: str, problem: Problem, params: Mapping[str, Tensor], batche
         kept += out.numel() * out.element_size()
         store = out if keep and kept <= _OUTPUT_CACHE else None
         runs.append(_Base(prepared, store, summed_nll(problem, out, prepared)))
-        count += {"samples": prepared.active.shape[0], "tokens": n_active, "none": 1}[normalize]
+        count += normalizer(prepared.active, normalize, n_active)
     if not runs:
         raise FisherError(f"{where}: batch is an empty collection of batches; expected one batch or a non-empty list")
     return runs, count
