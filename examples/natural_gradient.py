@@ -5,11 +5,13 @@ mini-batches of 128. SGD and Adam are ``torch.optim`` with their usual learning 
 ``ffx.kfac_optimizer`` with its defaults (MC factors every step, eigendecomposition every 10 steps,
 KL clipping), as a pure ``init``/``update`` pair on a parameter dict. Each run prints the full
 training loss against steps and wall time, and the test accuracy at the end; with matplotlib the
-curves are saved to ``docs/kfac-natural-gradient.png``.
+curves are saved to ``docs/kfac-natural-gradient.png``. ``--quick`` (or ``FISHERFX_SMOKE=1``): a few steps, no
+figure written.
 """
 
 # %%
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from torch.func import functional_call, grad
 import fisherfx as ffx
 from fisherfx.natural import apply_updates, kfac_optimizer
 
-SMOKE = bool(os.environ.get("FISHERFX_SMOKE"))
+SMOKE = bool(os.environ.get("FISHERFX_SMOKE")) or "--quick" in sys.argv  # a few steps, no figure written
 STEPS = 4 if SMOKE else 300
 BATCH = 128
 torch.set_num_threads(1)
