@@ -80,7 +80,12 @@ def non_finite(v: Mapping[str, Tensor]) -> str | None:
     One reduction serves all: a sum is finite only when every entry is (a sum that overflows is
     rechecked entry by entry).
     """
-    if not v or bool(torch.stack([x.sum().to(torch.float64) for x in v.values()]).isfinite().all()):
+    if not v:
+        return None
+    sums = [x.sum() for x in v.values()]
+    if len({s.dtype for s in sums}) > 1:
+        sums = [s.to(torch.float64) for s in sums]
+    if bool(torch.stack(sums).isfinite().all()):
         return None
     return next((name for name, x in v.items() if not bool(torch.isfinite(x).all())), None)
 

@@ -303,11 +303,11 @@ def make_plan(use_list: list[Use], request: Any, param: Tensor, dtype: torch.dty
     diagonal), ``sizes`` (its axis lengths) and ``mask``.
     """
     shape = tuple(param.shape)
-    theta = param.detach().to(dtype).reshape(use_list[0].size)
     if request.pattern is None:
         return Plan("diag"), None
     reduce = group_reduce(request.pattern, request.sizes)
     groups = group_ids(request.pattern, dict(request.sizes), shape, use_list[0].size, param.device)
+    theta = param.detach().to(dtype).reshape(use_list[0].size) if request.mask else None
     if groups is None:
         if request.mask:
             return Plan("mask", theta=theta, reduce=reduce, shape=shape), lambda v: v

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .._errors import FisherError
 from .._tree import map_tensors, tensors
+from .._walk import ModelIndex, walk
 from ..likelihoods import check_classes, check_shapes
 from ..problems import Prepared, Problem, forward_failure
 from . import _tap_checks as checks
@@ -176,14 +177,14 @@ def _flag(missing: dict[str, str], keys: Mapping[str, str], why: str) -> None:
         missing.setdefault(name, why)
 
 
-def _owned(model: nn.Module, names: list[str], k: layers.Kinds) -> tuple[set[str], list[nn.Module]]:
+def _owned(index: ModelIndex, names: list[str], k: layers.Kinds) -> tuple[set[str], list[nn.Module]]:
     """The names whose tensor is the weight or bias of a supported module (ties included), and
-    the supported modules holding one of them (one walk over the model).
+    the supported modules holding one of them.
     """
-    own = dict(model.named_parameters(remove_duplicate=False))
+    own = index.params
     by_id = {id(own[n]): n for n in names}
     out, holders = set(), []
-    for module in model.modules():
+    for module in index.modules:
         if layers.supported(module, k):
             held = [by_id[id(t)] for attr in ("weight", "bias")
                     if (t := module._parameters.get(attr)) is not None and id(t) in by_id]
@@ -228,15 +229,19 @@ def guarded_forward(where: str, problem: Problem, values: Mapping[str, Tensor], 
 def output_vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: Kind, noise: Tensor | None) -> Tensor:
     """The estimator's output vectors ``[R, N, T, C]`` (:func:`.cotangents.position_vectors`)."""
     targets, active = prepared.targets, prepared.active
-    if not targets.dtype.is_floating_point:  # class indices at inactive positions may be anything
+    full = bool(active.all())  # no position to mask (and no class index to sanitise)
+    if not full and not targets.dtype.is_floating_point:  # class indices at inactive positions may be anything
         targets = torch.where(active.reshape(*active.shape, *[1] * (targets.ndim - 2)), targets, 0)
     n = outputs.shape[0]
-    step = max(1, VECTOR_CHUNK // max(outputs[:1].numel(), 1))  # samples whose temporaries stay small
+    step = max(1, VECTOR_CHUNK // max(outputs.numel() // max(n, 1), 1))  # samples whose temporaries stay small
+    if step >= n:
+        return position_vectors(problem.likelihood, outputs, targets, active, kind, noise, masked=not full).to(
+            outputs.dtype)
     parts = []
     for lo in range(0, n, step):  # a language model's softmax and sampling temporaries, a few rows at a time
         z = None if noise is None else noise[:, lo:lo + step]
         parts.append(position_vectors(problem.likelihood, outputs[lo:lo + step], targets[lo:lo + step],
-                                      active[lo:lo + step], kind, z).to(outputs.dtype))
+                                      active[lo:lo + step], kind, z, masked=not full).to(outputs.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
@@ -406,6 +411,7 @@ def estimate(
     chunk_size: int | None = None,
     where: str = "taps",
     split_positions: bool = False,
+    index: ModelIndex | None = None,
 ) -> Result:
     """Sums over units of the requested estimators, for the parameters the taps can serve.
 
@@ -425,6 +431,7 @@ def estimate(
         where: the public function, for error messages.
         split_positions: each output vector becomes one vector per active position
             (:class:`._tap_kfac.PositionSplit`) and units are samples: K-FAC's ``kind="exact"``.
+        index: the model's :func:`~fisherfx._walk.walk`, when the caller has one.
 
     Returns:
         :class:`Result`: ``sums`` ``{name: [*P] or [G...]}``, not normalised and for ``mc`` not
@@ -438,12 +445,15 @@ def estimate(
     per_position = (not split_positions and t > 1 and (per == "token" or kind == "exact")
                     and int(prepared.active.sum(1).max()) > 1)
     cut = None if per_position else split_point(prepared)
+    index = walk(problem.model) if index is None else index
     if cut is None:
         return _estimate(problem, params, prepared, requests, kind=kind, per_position=per_position, noise=noise,
-                         dtype=dtype, chunk_size=chunk_size, where=where, split_positions=split_positions)
+                         dtype=dtype, chunk_size=chunk_size, where=where, split_positions=split_positions,
+                         index=index)
     parts = [_estimate(problem, params, _part(prepared, lo, hi), requests, kind=kind, per_position=False,
                        noise=None if noise is None else noise[:, lo:hi], dtype=dtype, chunk_size=chunk_size,
-                       where=where, offset=lo, split_positions=split_positions) for lo, hi in ((0, cut), (cut, n))]
+                       where=where, offset=lo, split_positions=split_positions, index=index)
+             for lo, hi in ((0, cut), (cut, n))]
     missing = {**parts[1].missing, **parts[0].missing}
     sums = {name: kfac_taps.add(parts[0].sums[name], parts[1].sums[name]) for name in requests
             if name in parts[0].sums and name in parts[1].sums}
@@ -486,30 +496,173 @@ def _accumulate(uses: list[Use], plan: Any, dtype: torch.dtype, cap: int | None,
     return accumulate(uses, plan, dtype, cap, ws)
 
 
+PLAIN_BUDGET = 1 << 22  # output-gradient entries the plain pass holds at once (all its layers' together)
+
+# (holders, input shapes) where the plain pass did not apply, per model: it is not tried there again
+# (a hint for speed only: the full pass serves those calls, with the same result)
+_NOT_PLAIN: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+class _Hit(NamedTuple):
+    """One call of a tapped layer in the plain pass (the fields :func:`._tap_checks.graph_covered` reads)."""
+
+    module: nn.Module
+    x: Tensor  # detached input
+    y: Tensor
+    keys: dict[str, str]
+    node: Any  # y.grad_fn
+    stop: Any  # x.grad_fn
+
+
+def _aliases(p: Tensor, own: Tensor | None) -> bool:
+    """Whether ``p`` holds exactly the module's own tensor ``own`` (e.g. a detached view of it)."""
+    return (own is not None and type(p) in (Tensor, nn.Parameter) and type(own) in (Tensor, nn.Parameter)
+            and p.data_ptr() == own.data_ptr() and p.shape == own.shape and p.stride() == own.stride()
+            and p.dtype == own.dtype and p.device == own.device)
+
+
+def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request],
+           order: list[str], holders: list[nn.Module], missing: dict[str, str], k: layers.Kinds, *, kind: Kind,
+           noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str, index: ModelIndex,
+           offset: int) -> Result | None:
+    """The tap engine's pass where no check of the full pass can fail, or ``None`` (then the full pass runs).
+
+    It applies to layers whose forward is PyTorch's own (their formulas hold by construction), each
+    requested parameter held by one of them, each called once with the samples first and its output
+    not changed afterwards, every use of the parameters inside their layer (the graph check runs on
+    every call), and output gradients small enough to hold at once: then one backward per output
+    vector gives every layer's output gradient directly, with no tensor hook, probe or streaming.
+    A model whose parameters are given as the module's own tensors (:func:`~fisherfx.params_of`) is
+    called directly, without ``functional_call``.
+    """
+    model = problem.model
+    n = prepared.active.shape[0]
+    shapes = tuple(tuple(x.shape) for x in tensors(prepared.inputs))
+    memo = (tuple(id(m) for m in holders), shapes)
+    if memo in _NOT_PLAIN.get(model, ()) or not all(checks.trusted(m) for m in holders):
+        return None
+    own = index.params
+    slots: dict[int, int] = {}
+    for m in holders:
+        for attr in ("weight", "bias"):
+            t = m._parameters.get(attr)
+            if t is not None:
+                slots[id(t)] = slots.get(id(t), 0) + 1
+    if len({id(own[name]) for name in order}) != len(order) or any(slots.get(id(own[name])) != 1 for name in order):
+        return None
+
+    def fail() -> None:
+        _NOT_PLAIN.setdefault(model, set()).add(memo)
+
+    direct = all(_aliases(p, own.get(name)) for name, p in params.items()) and all(own[m].requires_grad
+                                                                                   for m in order)
+    if direct:
+        leaves, values = {name: own[name] for name in order}, {}
+    else:
+        leaves = {name: params[name].detach().requires_grad_() for name in order}
+        values = {**index.buffers, **{name: p.detach() for name, p in params.items()}, **leaves}
+    key_of = {id(t): name for name, t in leaves.items()}
+    hits: list[tuple] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(x, Tensor) and isinstance(output, Tensor):
+            hits.append((module, x, output, x._version, output._version))
+        else:
+            hits.append(None)
+
+    device = leaves[order[0]].device
+    handles = [m.register_forward_hook(hook, with_kwargs=True, prepend=True) for m in holders]
+    try:
+        with torch.enable_grad():
+            outputs = guarded_forward(where, problem, values, prepared.inputs, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    _check_forward(where, problem, outputs, prepared, offset)
+    calls, size = [], 0
+    if len(hits) != len(holders) or len({id(h[0]) for h in hits if h is not None}) != len(hits):
+        return fail()  # a layer called twice, or not at all
+    for module, x, y, x_version, y_version in hits:
+        if (y.grad_fn is None or y._version != y_version or x._version != x_version or y.ndim < 2
+                or y.shape[0] != n or n in layers.position_shape(module, tuple(y.shape), k)):
+            return fail()  # changed in place after the call, broadcast, or a position axis as long as the batch
+        keys = {attr: key_of[id(t)] for attr in ("weight", "bias")
+                if (t := module._parameters.get(attr)) is not None and id(t) in key_of}
+        calls.append(_Hit(module, x.detach(), y, keys, y.grad_fn, x.grad_fn))
+        size += y.numel()
+    if size > PLAIN_BUDGET:
+        return fail()
+    covered, _, _ = checks.graph_covered(outputs, calls, leaves)
+    if len(covered) != len(order):
+        return fail()
+    vectors = output_vectors(problem, outputs, prepared, kind, noise)
+    draws = vectors.shape[0]
+    sums: dict[str, Tensor] = {}
+    plans: dict[str, tuple] = {}
+    ws = Workspace()
+    for r in range(draws):
+        grads = torch.autograd.grad(outputs, [c.y for c in calls], vectors[r], retain_graph=r < draws - 1,
+                                    allow_unused=True)
+        for c, g in zip(calls, grads, strict=True):
+            if g is None:
+                continue
+            view = layers.out_view(c.module, g, k)
+            made = {} if view is None or view.shape[0] != n else layers.uses(c.module, c.x, view, c.keys, k, dtype)
+            for name in c.keys.values():
+                if name not in made:
+                    raise RuntimeError(f"{where}: tap engine invariant broken: the plain pass cannot read the "
+                                       f"gradient of {name!r} per sample (please report)")
+                if name not in plans:
+                    plans[name] = _plan([made[name]], requests[name], params[name], dtype, prepared.active)
+                part = _accumulate([made[name]], plans[name][0], dtype, chunk_size, ws)
+                sums[name] = part if name not in sums else sums[name] + part
+    out = {}
+    for name in order:
+        request = requests[name]
+        if name not in sums:  # no gradient reached it
+            z = torch.zeros_like(params[name], dtype=dtype)
+            out[name] = z if request.pattern is None else group_reduce(request.pattern, request.sizes)(z)
+            continue
+        post = plans[name][1]
+        out[name] = sums[name].reshape(params[name].shape) if post is None else post(sums[name])
+    return Result(out, {name: missing[name] for name in requests if name in missing}, outputs.shape[-1])
+
+
+def _check_forward(where: str, problem: Problem, outputs: Tensor, prepared: Prepared, offset: int) -> None:
+    """The outputs fit the targets and are finite (``offset``: the first sample's index in the caller's batch)."""
+    check_outputs(where, problem, outputs, prepared)
+    if not bool(torch.isfinite(outputs.detach()).all()):
+        finite = torch.isfinite(outputs.detach()).reshape(outputs.shape[0], -1).all(1)
+        raise FisherError(f"{where}: the model's outputs for sample {offset + int((~finite).nonzero()[0, 0])} "
+                          "are not finite")
+
+
 def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request], *,
               kind: Kind, per_position: bool, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None,
-              where: str, offset: int = 0, split_positions: bool = False) -> Result:
+              where: str, index: ModelIndex, offset: int = 0, split_positions: bool = False) -> Result:
     """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages); with
     ``per_position`` each active position is a unit of its own.
     """
-    model, k = problem.model, layers.kinds()
-    owned, holders = _owned(model, list(requests), k)
+    k = layers.kinds()
+    owned, holders = _owned(index, list(requests), k)
     missing = {name: NO_LAYER for name in requests if name not in owned}
     order = [name for name in requests if name in owned]
     if not order:
         return Result({}, missing)
+    if not per_position and not split_positions:
+        plain = _plain(problem, params, prepared, requests, order, holders, missing, k, kind=kind, noise=noise,
+                       dtype=dtype, chunk_size=chunk_size, where=where, index=index, offset=offset)
+        if plain is not None:
+            return plain
     leaves = {name: params[name].detach().requires_grad_() for name in order}
-    values = {**dict(model.named_buffers()), **{n: p.detach() for n, p in params.items()}, **leaves}
+    values = {**index.buffers, **{n: p.detach() for n, p in params.items()}, **leaves}
     active = prepared.active
     n, t = active.shape
     device = leaves[order[0]].device
     with _tapped(holders, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
         outputs = guarded_forward(where, problem, values, prepared.inputs, device)
-        check_outputs(where, problem, outputs, prepared)
-        if not bool(torch.isfinite(outputs.detach()).all()):
-            finite = torch.isfinite(outputs.detach()).reshape(n, -1).all(1)
-            raise FisherError(f"{where}: the model's outputs for sample {offset + int((~finite).nonzero()[0, 0])} "
-                              "are not finite")
+        _check_forward(where, problem, outputs, prepared, offset)
         run = _Run(outputs, tape, leaves, k, n, dtype)
         todo, zero = run.covered(order, missing)  # first: it lets go of the layer outputs autograd does not keep
         vectors = output_vectors(problem, outputs, prepared, kind, noise)
