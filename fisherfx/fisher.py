@@ -161,12 +161,13 @@ def output_width(where: str, problem: Problem, params: Mapping[str, Tensor], pre
 
 def _finish(where: str, sums: dict[str, Tensor], scale: float, count: Tensor, storage_dtype, device,
             made: Provenance) -> Estimate:
+    """The estimate from the engines' fresh sums (scaled in place: they are not used again)."""
     bad = non_finite(sums)  # one reduction for all
     if bad is not None:
         raise FisherError(f"{where}: non-finite gradients for parameter {bad!r} (inf or NaN in the loss or the "
                           "model)")
     factor = scale / float(count)
-    value = {name: s * factor for name, s in sums.items()}
+    value = sums if factor == 1.0 else {name: s.mul_(factor) for name, s in sums.items()}
     return _store(Estimate(value, count, made), storage_dtype, device)
 
 

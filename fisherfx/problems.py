@@ -93,6 +93,8 @@ def _tensor(where: str, key: str, x: Any, shape: str) -> Tensor:
 
 def _check_inputs(where: str, inputs: Any) -> int:
     """``N``: every leaf of ``inputs`` is a tensor with ``N`` samples on its first axis."""
+    if isinstance(inputs, Tensor) and inputs.ndim > 0:  # the common case, in one step
+        return inputs.shape[0]
     leaves: list[tuple[str, Any]] = []
 
     def walk(tree: Any, path: str) -> None:

@@ -160,10 +160,7 @@ def _squares(uses: list[Use], what: str, dtype: torch.dtype, cap: int | None, ws
         s = sum(u.a.sum(1) for u in uses)
         return (s**2).sum(0)
     if _one_position(uses):
-        a2, b2 = uses[0].a[:, 0].to(dtype) ** 2, uses[0].b(0, units)[:, 0].to(dtype) ** 2
-        if what == "diag":
-            return a2.T @ b2
-        return a2.T @ b2.sum(1) if what == "rows" else b2.T @ a2.sum(1)
+        return one_position(uses[0].a[:, 0].to(dtype).square(), uses[0].b(0, units)[:, 0].to(dtype).square(), what)
     if forms == {"index"}:
         rows, agg = _aggregate(uses, dtype)
         o, i = uses[0].size
@@ -200,6 +197,25 @@ def _squares(uses: list[Use], what: str, dtype: torch.dtype, cap: int | None, ws
             g2 = _explicit(uses, lo, hi, dtype, ws).square_()
             total += g2.sum((0, 2) if what == "rows" else (0, 1))
     return total
+
+
+def one_position(a2: Tensor, b2: Tensor | None, what: str) -> Tensor:
+    """``diag`` ``[o, i]``, ``rows`` ``[o]`` or ``cols`` ``[i]`` of an outer use with one position per
+    unit, from its squared factors ``a²`` ``[N, o]`` and ``b²`` ``[N, i]``; of a vector use (``b2=None``):
+    ``Σ_u a_u²`` ``[o]``.
+    """
+    if b2 is None:
+        return a2.sum(0)
+    if what == "diag":
+        return a2.T @ b2
+    return a2.T @ b2.sum(1) if what == "rows" else b2.T @ a2.sum(1)
+
+
+def grouped(values: Tensor, plan: Plan) -> Tensor:
+    """Row or column values ``[o]``/``[i]`` summed into ``plan``'s groups (values as they are for ``diag``)."""
+    if plan.what == "diag":
+        return values
+    return torch.zeros(plan.groups, dtype=values.dtype, device=values.device).index_add_(0, plan.gid, values)
 
 
 def _projected(uses: list[Use], what: str, theta: Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
@@ -245,10 +261,7 @@ def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None,
     """
     what = plan.what
     if what in ("diag", "rows", "cols"):
-        values = _squares(uses, what, dtype, cap, ws)
-        if what == "diag":
-            return values
-        return torch.zeros(plan.groups, dtype=dtype, device=values.device).index_add_(0, plan.gid, values)
+        return grouped(_squares(uses, what, dtype, cap, ws), plan)
     units = uses[0].a.shape[0]
     theta = plan.theta.to(dtype)
     if what == "mask":
@@ -268,8 +281,8 @@ def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None,
     for lo in range(0, units, step):
         hi = min(lo + step, units)
         m = _projected(uses, what, theta, lo, hi, dtype)
-        grouped = torch.zeros((hi - lo, plan.groups), dtype=dtype, device=m.device).index_add_(1, plan.gid, m)
-        total += (grouped**2).sum(0)
+        sums = torch.zeros((hi - lo, plan.groups), dtype=dtype, device=m.device).index_add_(1, plan.gid, m)
+        total += (sums**2).sum(0)
     return total
 
 
@@ -380,5 +393,6 @@ def _group_ids(pattern: str, sizes_items: tuple, shape: tuple[int, ...], size: t
     return None
 
 
-__all__ = ["BUDGET", "Plan", "Workspace", "accumulate", "group_ids", "group_reduce", "make_plan", "position_units"]
+__all__ = ["BUDGET", "Plan", "Workspace", "accumulate", "group_ids", "group_reduce", "grouped", "make_plan",
+           "one_position", "position_units"]
 

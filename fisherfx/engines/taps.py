@@ -28,6 +28,7 @@ gradient; otherwise the generic engine must serve it (``engine="auto"`` does tha
   ``N``), the same probe with per-sample scalars checks that the first axis is the sample axis.
 """
 
+import math
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ from ..problems import Prepared, Problem, forward_failure
 from . import _tap_checks as checks
 from . import _tap_kfac as kfac_taps
 from . import _tap_layers as layers
-from ._tap_estimators import Workspace, accumulate, group_reduce, make_plan, position_units
+from ._tap_estimators import Workspace, accumulate, group_reduce, grouped, make_plan, one_position, position_units
 from ._tap_layers import Use
 from .cotangents import Kind, position_vectors
 
@@ -177,53 +178,68 @@ def _flag(missing: dict[str, str], keys: Mapping[str, str], why: str) -> None:
         missing.setdefault(name, why)
 
 
-def _owned(index: ModelIndex, names: list[str], k: layers.Kinds) -> tuple[set[str], list[nn.Module]]:
-    """The names whose tensor is the weight or bias of a supported module (ties included), and
-    the supported modules holding one of them.
-    """
+class _Owners(NamedTuple):
+    """The supported layers holding the requested parameters (see :func:`_owned`)."""
+
+    names: set[str]  # the requested names some supported layer holds (ties included)
+    holders: list[nn.Module]  # those layers, each once
+    keys: list[dict[str, str]]  # per holder, ``{"weight" | "bias": name}`` of the requested names it holds
+    plain: bool  # every holder runs PyTorch's own forward and every such name sits in one holder slot
+
+
+def _owned(index: ModelIndex, names: list[str], k: layers.Kinds) -> _Owners:
+    """The supported layers holding a requested name, in one pass over the model's modules."""
     own = index.params
     by_id = {id(own[n]): n for n in names}
-    out, holders = set(), []
+    out: set[str] = set()
+    holders, keys = [], []
+    slots = 0
+    plain = len(by_id) == len(names)  # no two requested names are one tensor
     for module in index.modules:
         if layers.supported(module, k):
-            held = [by_id[id(t)] for attr in ("weight", "bias")
-                    if (t := module._parameters.get(attr)) is not None and id(t) in by_id]
+            held = {attr: by_id[id(t)] for attr in ("weight", "bias")
+                    if (t := module._parameters.get(attr)) is not None and id(t) in by_id}
             if held:
-                out.update(held)
+                out.update(held.values())
                 holders.append(module)
-    return out, holders
+                keys.append(held)
+                slots += len(held)
+                plain = plain and checks.trusted(module)
+    return _Owners(out, holders, keys, plain and slots == len(out))
 
 
-@contextmanager
-def rng_guard(where: str, device: torch.device) -> Iterator[None]:
-    """Restore the global random state after the forward; raise if the forward drew from it."""
+def _restored(before: tuple, device: torch.device) -> bool:
+    """Whether the global random state moved since ``before`` (then it is put back)."""
     cuda = device.type == "cuda"
-    before = torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
-    try:
-        yield
-    finally:
-        after = torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+    moved = not torch.equal(before[0], torch.get_rng_state()) or (
+        cuda and not torch.equal(before[1], torch.cuda.get_rng_state(device)))
+    if moved:
         torch.set_rng_state(before[0])
         if cuda:
             torch.cuda.set_rng_state(before[1], device)
-    if not torch.equal(before[0], after[0]) or (cuda and not torch.equal(before[1], after[1])):
-        raise FisherError(f"{where}: the model draws random numbers (dropout in train mode?); call model.eval() "
-                          "before computing the Fisher")
+    return moved
 
 
 def guarded_forward(where: str, problem: Problem, values: Mapping[str, Tensor], inputs: Any, device: torch.device,
                     batch_inputs: Any = None) -> Tensor:
-    """``problem.forward`` on ``inputs`` with the global RNG kept (and a forward that draws refused, see
-    :func:`rng_guard`); a forward that raises becomes :func:`~fisherfx.problems.forward_failure`'s error,
-    which shows ``batch_inputs`` (default ``inputs``), the batch's own shapes.
+    """``problem.forward`` on ``inputs`` with the global random state kept: a forward that draws from it
+    (dropout in train mode) is refused and the state restored. A forward that raises becomes
+    :func:`~fisherfx.problems.forward_failure`'s error, which shows ``batch_inputs`` (default ``inputs``),
+    the batch's own shapes.
     """
+    before = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:
-        with rng_guard(where, device):
-            return problem.forward(problem.model, values, inputs)
+        outputs = problem.forward(problem.model, values, inputs)
     except FisherError:
         raise
     except Exception as err:
         raise forward_failure(where, problem, values, inputs if batch_inputs is None else batch_inputs, err) from err
+    finally:
+        drew = _restored(before, device)
+    if drew:
+        raise FisherError(f"{where}: the model draws random numbers (dropout in train mode?); call model.eval() "
+                          "before computing the Fisher")
+    return outputs
 
 
 def output_vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: Kind, noise: Tensor | None) -> Tensor:
@@ -516,13 +532,14 @@ class _Hit(NamedTuple):
 
 def _aliases(p: Tensor, own: Tensor | None) -> bool:
     """Whether ``p`` holds exactly the module's own tensor ``own`` (e.g. a detached view of it)."""
-    return (own is not None and type(p) in (Tensor, nn.Parameter) and type(own) in (Tensor, nn.Parameter)
-            and p.data_ptr() == own.data_ptr() and p.shape == own.shape and p.stride() == own.stride()
-            and p.dtype == own.dtype and p.device == own.device)
+    return own is not None and p.dtype == own.dtype and type(p) in _PLAIN_TYPES and p.is_set_to(own)
+
+
+_PLAIN_TYPES = (Tensor, nn.Parameter)  # not tensor subclasses (DTensor, ...): their storage may say nothing
 
 
 def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request],
-           order: list[str], holders: list[nn.Module], missing: dict[str, str], k: layers.Kinds, *, kind: Kind,
+           order: list[str], owners: _Owners, missing: dict[str, str], k: layers.Kinds, *, kind: Kind,
            noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str, index: ModelIndex,
            offset: int) -> Result | None:
     """The tap engine's pass where no check of the full pass can fail, or ``None`` (then the full pass runs).
@@ -535,21 +552,12 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
     A model whose parameters are given as the module's own tensors (:func:`~fisherfx.params_of`) is
     called directly, without ``functional_call``.
     """
-    model = problem.model
+    model, holders = problem.model, owners.holders
     n = prepared.active.shape[0]
-    shapes = tuple(tuple(x.shape) for x in tensors(prepared.inputs))
-    memo = (tuple(id(m) for m in holders), shapes)
-    if memo in _NOT_PLAIN.get(model, ()) or not all(checks.trusted(m) for m in holders):
+    memo = (tuple(map(id, holders)), tuple(tuple(x.shape) for x in tensors(prepared.inputs)))
+    if not owners.plain or memo in _NOT_PLAIN.get(model, ()):
         return None
     own = index.params
-    slots: dict[int, int] = {}
-    for m in holders:
-        for attr in ("weight", "bias"):
-            t = m._parameters.get(attr)
-            if t is not None:
-                slots[id(t)] = slots.get(id(t), 0) + 1
-    if len({id(own[name]) for name in order}) != len(order) or any(slots.get(id(own[name])) != 1 for name in order):
-        return None
 
     def fail() -> None:
         _NOT_PLAIN.setdefault(model, set()).add(memo)
@@ -561,7 +569,6 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
     else:
         leaves = {name: params[name].detach().requires_grad_() for name in order}
         values = {**index.buffers, **{name: p.detach() for name, p in params.items()}, **leaves}
-    key_of = {id(t): name for name, t in leaves.items()}
     hits: list[tuple] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -583,13 +590,12 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
     calls, size = [], 0
     if len(hits) != len(holders) or len({id(h[0]) for h in hits if h is not None}) != len(hits):
         return fail()  # a layer called twice, or not at all
+    keys = dict(zip(map(id, holders), owners.keys, strict=True))
     for module, x, y, x_version, y_version in hits:
         if (y.grad_fn is None or y._version != y_version or x._version != x_version or y.ndim < 2
                 or y.shape[0] != n or n in layers.position_shape(module, tuple(y.shape), k)):
             return fail()  # changed in place after the call, broadcast, or a position axis as long as the batch
-        keys = {attr: key_of[id(t)] for attr in ("weight", "bias")
-                if (t := module._parameters.get(attr)) is not None and id(t) in key_of}
-        calls.append(_Hit(module, x.detach(), y, keys, y.grad_fn, x.grad_fn))
+        calls.append(_Hit(module, x.detach(), y, keys[id(module)], y.grad_fn, x.grad_fn))
         size += y.numel()
     if size > PLAIN_BUDGET:
         return fail()
@@ -606,6 +612,11 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
                                     allow_unused=True)
         for c, g in zip(calls, grads, strict=True):
             if g is None:
+                continue
+            parts = _linear_squares(c, g, requests, params, plans, dtype)
+            if parts is not None:
+                for name, part in parts.items():
+                    sums[name] = part if name not in sums else sums[name] + part
                 continue
             view = layers.out_view(c.module, g, k)
             made = {} if view is None or view.shape[0] != n else layers.uses(c.module, c.x, view, c.keys, k, dtype)
@@ -624,15 +635,42 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
             z = torch.zeros_like(params[name], dtype=dtype)
             out[name] = z if request.pattern is None else group_reduce(request.pattern, request.sizes)(z)
             continue
-        post = plans[name][1]
-        out[name] = sums[name].reshape(params[name].shape) if post is None else post(sums[name])
+        post, value = plans[name][1], sums[name]
+        out[name] = (value if value.shape == params[name].shape else value.reshape(params[name].shape)) \
+            if post is None else post(value)
     return Result(out, {name: missing[name] for name in requests if name in missing}, outputs.shape[-1])
+
+
+def _linear_squares(c: _Hit, g: Tensor, requests: Mapping[str, Request], params: Mapping[str, Tensor],
+                    plans: dict[str, tuple], dtype: torch.dtype) -> dict[str, Tensor] | None:
+    """A ``Linear`` call with one position per sample (``x`` ``[N, i]``, ``g`` ``[N, o]``): the diagonals
+    ``(g²)ᵀ(x²)`` and ``Σ g²`` of its weight and bias, or their row/column group sums, with ``g²`` formed
+    once for both; ``None`` for any other call or request (mask importance, K-FAC factors).
+    """
+    if type(c.module) is not nn.Linear or g.ndim != 2 or c.x.ndim != 2:
+        return None
+    names = c.keys.values()
+    if any(requests[name].mask or requests[name].factors is not None for name in names):
+        return None
+    g2, x2, out = (g if g.dtype == dtype else g.to(dtype)).square(), None, {}
+    for attr, name in c.keys.items():
+        size = (g.shape[1],) if attr == "bias" else (g.shape[1], c.x.shape[1])
+        if name not in plans:
+            plans[name] = make_plan([Use("vector", g, None, size)], requests[name], params[name], dtype)
+        plan = plans[name][0]
+        if attr == "bias":
+            values = one_position(g2, None, plan.what)
+        else:
+            x2 = (c.x if c.x.dtype == dtype else c.x.to(dtype)).square() if x2 is None else x2
+            values = one_position(g2, x2, plan.what)
+        out[name] = grouped(values, plan)
+    return out
 
 
 def _check_forward(where: str, problem: Problem, outputs: Tensor, prepared: Prepared, offset: int) -> None:
     """The outputs fit the targets and are finite (``offset``: the first sample's index in the caller's batch)."""
     check_outputs(where, problem, outputs, prepared)
-    if not bool(torch.isfinite(outputs.detach()).all()):
+    if not math.isfinite(float(outputs.detach().sum())) and not bool(torch.isfinite(outputs.detach()).all()):
         finite = torch.isfinite(outputs.detach()).reshape(outputs.shape[0], -1).all(1)
         raise FisherError(f"{where}: the model's outputs for sample {offset + int((~finite).nonzero()[0, 0])} "
                           "are not finite")
@@ -645,13 +683,14 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
     ``per_position`` each active position is a unit of its own.
     """
     k = layers.kinds()
-    owned, holders = _owned(index, list(requests), k)
+    owners = _owned(index, list(requests), k)
+    owned, holders = owners.names, owners.holders
     missing = {name: NO_LAYER for name in requests if name not in owned}
     order = [name for name in requests if name in owned]
     if not order:
         return Result({}, missing)
     if not per_position and not split_positions:
-        plain = _plain(problem, params, prepared, requests, order, holders, missing, k, kind=kind, noise=noise,
+        plain = _plain(problem, params, prepared, requests, order, owners, missing, k, kind=kind, noise=noise,
                        dtype=dtype, chunk_size=chunk_size, where=where, index=index, offset=offset)
         if plain is not None:
             return plain
