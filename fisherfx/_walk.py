@@ -27,7 +27,9 @@ def walk(model: nn.Module) -> ModelIndex:
     modules: list[nn.Module] = []
     seen: set[int] = set()
     training_batchnorm = None
-    for prefix, module in model.named_modules(remove_duplicate=False):
+    stack = [("", model)]  # depth first, children in order: the order of named_modules(remove_duplicate=False)
+    while stack:
+        prefix, module = stack.pop()
         dot = prefix + "." if prefix else ""
         for attr, p in module._parameters.items():
             if p is not None:
@@ -40,6 +42,8 @@ def walk(model: nn.Module) -> ModelIndex:
             modules.append(module)
             if training_batchnorm is None and module.training and isinstance(module, nn.modules.batchnorm._BatchNorm):
                 training_batchnorm = prefix
+        children = [(dot + name, child) for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
     return ModelIndex(params, buffers, modules, training_batchnorm)
 
 

@@ -64,13 +64,12 @@ def formula_holds(module: nn.Module, x: Tensor, y: Tensor, k: layers.Kinds) -> b
 
 def _internal(node, stop) -> set:
     """Autograd nodes created by one call: reachable from its output's node, not through its input."""
-    seen, stack = set(), [node]
+    seen, stack = {node}, [node]
     while stack:
-        current = stack.pop()
-        if current is None or current is stop or current in seen or hasattr(current, "variable"):
-            continue
-        seen.add(current)
-        stack.extend(child for child, _ in current.next_functions)
+        for child, _ in stack.pop().next_functions:
+            if child is not None and child is not stop and child not in seen and not hasattr(child, "variable"):
+                seen.add(child)
+                stack.append(child)
     return seen
 
 
@@ -93,27 +92,29 @@ def graph_covered(outputs: Tensor, calls: list, leaves: Mapping[str, Tensor],
     name_of = {id(t): name for name, t in leaves.items()}
     parents: dict[str, set] = {name: set() for name in leaves}
     consumers: dict = {node: [] for node in watch}
-    seen, stack = set(), [outputs.grad_fn]
-    while stack:
+    root = outputs.grad_fn
+    seen, stack = {root}, [root] if root is not None else []
+    while stack:  # every node once; an edge to a leaf (AccumulateGrad) records its parent
         node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
         for child, _ in node.next_functions:
-            if child in consumers:
+            if child is None:
+                continue
+            if consumers and child in consumers:
                 consumers[child].append(node)
             variable = getattr(child, "variable", None)
-            if variable is None:
+            if variable is not None:
+                if id(variable) in name_of:
+                    parents[name_of[id(variable)]].add(node)
+            elif child not in seen:
+                seen.add(child)
                 stack.append(child)
-            elif id(variable) in name_of:
-                parents[name_of[id(variable)]].add(node)
-    inside: dict[str, set] = {name: set() for name in leaves}
+    inside: dict[str, set] = {}
     for call in calls:
         nodes = _internal(call.node, call.stop)
         for name in call.keys.values():
-            inside[name] |= nodes
-    unused = {name for name, p in parents.items() if not p}
-    return {name for name, p in parents.items() if p and p <= inside[name]}, unused, consumers
+            inside[name] = inside[name] | nodes if name in inside else nodes
+    covered = {name for name, p in parents.items() if p and p <= inside.get(name, set())}
+    return covered, {name for name, p in parents.items() if not p}, consumers
 
 
 def roots(stops: list[Tensor]) -> list[Tensor]:

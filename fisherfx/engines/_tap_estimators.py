@@ -49,7 +49,7 @@ class Plan(NamedTuple):
     """What to accumulate for one parameter (see the module docstring)."""
 
     what: str  # "diag" | "rows" | "cols" | "mask_rows" | "mask_cols" | "mask"
-    gid: Tensor | None = None  # [o] or [i] group id of each row/column ("rows", "cols", "mask_*")
+    gid: Tensor | None = None  # [o] or [i] group id of each row/column ("rows", "cols", "mask_*"); None: its own
     groups: int = 0  # number of groups
     theta: Tensor | None = None  # the parameter in its 2-D layout [o, i] (or [d]), "mask*" only
     reduce: Callable[[Tensor], Tensor] | None = None  # parameter-shaped → group values ("mask")
@@ -213,7 +213,7 @@ def one_position(a2: Tensor, b2: Tensor | None, what: str) -> Tensor:
 
 def grouped(values: Tensor, plan: Plan) -> Tensor:
     """Row or column values ``[o]``/``[i]`` summed into ``plan``'s groups (values as they are for ``diag``)."""
-    if plan.what == "diag":
+    if plan.what == "diag" or plan.gid is None:
         return values
     return torch.zeros(plan.groups, dtype=values.dtype, device=values.device).index_add_(0, plan.gid, values)
 
@@ -281,7 +281,8 @@ def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None,
     for lo in range(0, units, step):
         hi = min(lo + step, units)
         m = _projected(uses, what, theta, lo, hi, dtype)
-        sums = torch.zeros((hi - lo, plan.groups), dtype=dtype, device=m.device).index_add_(1, plan.gid, m)
+        sums = m if plan.gid is None else \
+            torch.zeros((hi - lo, plan.groups), dtype=dtype, device=m.device).index_add_(1, plan.gid, m)
         total += (sums**2).sum(0)
     return total
 
@@ -355,8 +356,14 @@ def _text(axes: Any) -> str:
 
 def group_ids(pattern: str, sizes: dict[str, int], shape: tuple[int, ...], size: tuple[int, ...],
               device) -> tuple | None:
-    """:func:`_group_ids`, cached: a pure function of the pattern, the shapes and the device."""
-    return _group_ids(pattern, tuple(sorted(sizes.items())), tuple(shape), tuple(size), torch.device(device))
+    """:func:`_group_ids`, cached: a pure function of the pattern, the shapes and the device; the ids are
+    ``None`` where each row (column) is its own group, in order (per output channel).
+    """
+    found = _group_ids(pattern, tuple(sorted(sizes.items())), tuple(shape), tuple(size), torch.device(device))
+    if found is None:
+        return None
+    axis, gid, count, out_shape, own = found
+    return axis, None if own else gid, count, out_shape
 
 
 @functools.lru_cache(maxsize=1024)
@@ -382,15 +389,20 @@ def _group_ids(pattern: str, sizes_items: tuple, shape: tuple[int, ...], size: t
         grid = gid.reshape(size[0], -1)
         if not bool((grid == grid[:, :1]).all()):
             return None
-        return "rows", grid[:, 0].long(), count, out_shape
+        return _ids("rows", grid[:, 0], count, out_shape)
     if kept <= set(first):
-        gid, count, out_shape = _adjoint_ids(f"{_text(first)} -> {rhs}", sizes, shape[:1], device)
-        return "rows", gid.long(), count, out_shape
+        return _ids("rows", *_adjoint_ids(f"{_text(first)} -> {rhs}", sizes, shape[:1], device))
     if not kept & set(first):
         rest = " ".join(_text(axes) for axes in left.composition[1:])
-        gid, count, out_shape = _adjoint_ids(f"{rest} -> {rhs}", sizes, shape[1:], device)
-        return "cols", gid.reshape(-1).long(), count, out_shape
+        return _ids("cols", *_adjoint_ids(f"{rest} -> {rhs}", sizes, shape[1:], device))
     return None
+
+
+def _ids(axis: str, gid: Tensor, count: int, out_shape: tuple) -> tuple:
+    """``(axis, ids, count, group shape, whether each row/column is its own group in order)``."""
+    gid = gid.reshape(-1).long()
+    own = count == gid.numel() and bool((gid == torch.arange(count, device=gid.device)).all())
+    return axis, gid, count, out_shape, own
 
 
 __all__ = ["BUDGET", "Plan", "Workspace", "accumulate", "group_ids", "group_reduce", "grouped", "make_plan",

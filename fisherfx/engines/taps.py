@@ -481,10 +481,14 @@ def split_point(prepared: Prepared) -> int | None:
 
     A layer output ``[N, T, d]`` with ``N = T`` could also hold its samples on the second axis, which
     only two probe backwards could rule out; two parts whose sizes differ from every such length
-    make the sample axis unambiguous from the shapes, at the cost of a second, smaller pass.
+    make the sample axis unambiguous from the shapes, at the cost of a second, smaller pass. The
+    lengths are the targets' positions and the inputs' axes after the first, but the last of a
+    floating-point input (its features: an MLP whose batch is as wide as its input is not cut); a
+    position axis made inside the model is still caught by the probes.
     """
     n = prepared.active.shape[0]
-    lengths = {d for x in tensors(prepared.inputs) for d in x.shape[1:]} | set(prepared.active.shape[1:])
+    lengths = {d for x in tensors(prepared.inputs) for d in x.shape[1:-1 if x.is_floating_point() else None]}
+    lengths |= set(prepared.active.shape[1:])
     if n not in lengths:
         return None
     for cut in sorted(range(1, n), key=lambda c: abs(2 * c - n)):
@@ -570,22 +574,15 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
         leaves = {name: params[name].detach().requires_grad_() for name in order}
         values = {**index.buffers, **{name: p.detach() for name, p in params.items()}, **leaves}
     hits: list[tuple] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(x, Tensor) and isinstance(output, Tensor):
-            hits.append((module, x, output, x._version, output._version))
-        else:
-            hits.append(None)
-
     device = leaves[order[0]].device
-    handles = [m.register_forward_hook(hook, with_kwargs=True, prepend=True) for m in holders]
-    try:
+    try:  # each layer's own forward, recording its input and output (no hook: these are PyTorch's classes)
+        for m in holders:
+            object.__setattr__(m, "forward", _recording(m, hits))
         with torch.enable_grad():
             outputs = guarded_forward(where, problem, values, prepared.inputs, device)
     finally:
-        for handle in handles:
-            handle.remove()
+        for m in holders:
+            vars(m).pop("forward", None)
     _check_forward(where, problem, outputs, prepared, offset)
     calls, size = [], 0
     if len(hits) != len(holders) or len({id(h[0]) for h in hits if h is not None}) != len(hits):
@@ -639,6 +636,20 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
         out[name] = (value if value.shape == params[name].shape else value.reshape(params[name].shape)) \
             if post is None else post(value)
     return Result(out, {name: missing[name] for name in requests if name in missing}, outputs.shape[-1])
+
+
+def _recording(module: nn.Module, hits: list) -> Any:
+    """``module``'s class forward, appending ``(module, x, y, x version, y version)`` (or ``None``) to ``hits``."""
+    forward = type(module).forward
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        y = forward(module, *args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        hits.append((module, x, y, x._version, y._version) if isinstance(x, Tensor) and isinstance(y, Tensor)
+                    else None)
+        return y
+
+    return recorded
 
 
 def _linear_squares(c: _Hit, g: Tensor, requests: Mapping[str, Request], params: Mapping[str, Tensor],
