@@ -129,7 +129,7 @@ def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], ba
         raise FisherError(f"{where}: the batch has no active position (all targets ignored or padded); "
                           "nothing to estimate")
     noise = draw_noise(problem, prepared, n_samples, generator) if kind == "mc" else None
-    return Batch(prepared, noise, torch.tensor(normalizer(active, normalize, n_active), dtype=torch.int64))
+    return Batch(prepared, noise, torch.scalar_tensor(normalizer(active, normalize, n_active), dtype=torch.int64))
 
 
 def normalizer(active: Tensor, normalize: str, n_active: int | None = None) -> int:

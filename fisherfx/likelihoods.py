@@ -100,7 +100,7 @@ class Categorical(NamedTuple):
                 f"Categorical: expected targets of shape [N] or [N, T], got {tuple(targets.shape)}"
             )
         active = targets != self.ignore_index
-        return torch.where(active, targets, torch.zeros_like(targets)), active
+        return torch.where(active, targets, 0), active
 
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         logp = torch.log_softmax(outputs, dim=-1)
