@@ -147,7 +147,7 @@ def weighted_sum(parts: Sequence[tuple[Factor, float]], low_rank: bool | None = 
     low = [(f, c) for f, c in parts if isinstance(f, LowRank)]
     full = [(f, c) for f, c in parts if not isinstance(f, LowRank)]
     i = size(first)
-    kept = [(f, c) for f, c in low if c != 0]
+    kept = [(f, c) for f, c in low if c != 0 and f.U.shape[0]]
     rows = sum(f.U.shape[0] for f, _ in kept)
     shift = sum(c * f.shift for f, c in low)
     if not full and (pays(rows, i) if low_rank is None else low_rank):
@@ -156,12 +156,17 @@ def weighted_sum(parts: Sequence[tuple[Factor, float]], low_rank: bool | None = 
         return LowRank(torch.cat([f.U.to(like) for f, _ in kept]),
                        torch.cat([f.weights.to(like) * c for f, c in kept]), shift)
     out = None
-    for f, c in full:
+    if kept:  # Σ c Uᵀ diag(w) U as one product, added to the dense parts' sum (β m in an EMA: in the same product)
+        u = kept[0][0].U.to(like) if len(kept) == 1 else torch.cat([f.U.to(like) for f, _ in kept])
+        w = torch.cat([f.weights.to(like) * c for f, c in kept])
+        uniform = bool((w == w[0]).all())  # the rows of one batch: a scalar instead of a scaled copy of U
+        left, alpha = (u.T, float(w[0])) if uniform else (u.T * w, 1.0)
+        (base, beta), *others = full or [(u.new_zeros(()), 0.0)]
+        out = torch.addmm(base.to(like), left, u, beta=beta, alpha=alpha)
+        for f, c in others:
+            out.add_(f.to(like), alpha=c)
+    for f, c in ([] if kept else full):
         out = c * f.to(like) if out is None else out + c * f.to(like)
-    if kept:
-        u = torch.cat([f.U.to(like) for f, _ in kept])
-        uw = u.T * torch.cat([f.weights.to(like) * c for f, c in kept])
-        out = uw @ u if out is None else out.addmm_(uw, u)
     if out is None:
         out = torch.zeros((i, i), dtype=like, device=first.U.device)
     if shift:

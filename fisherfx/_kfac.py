@@ -172,6 +172,8 @@ def _requests(model: nn.Module, names: list[str], mode: str,
         if name not in joins and uses and all(attr == "bias" and _family(m, k) in ("outer", "transposed")
                                               for m, attr in uses):
             requests[name] = taps.Request(factors=kfac_taps.FactorRequest(mode, True, a_form=a_form))
+    for bias in joins:  # its column of ones is in its weight's A: the taps only find out whether they serve it
+        requests[bias] = taps.Request(factors=kfac_taps.FactorRequest(mode, joined=True))
     return requests, joins, by_choice
 
 
@@ -238,6 +240,8 @@ def kfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str =
             raise FisherError(f"{where}: engine='taps' has no Kronecker factors (or tap-engine diagonal) for "
                               + "; ".join(f"{n!r}: {why}" for n, why in strict.items())
                               + ". Use engine='auto' to give these their diagonal")
+    for bias in joins.keys() - joined.keys():  # served, but its weight is not: its diagonal, from the generic engine
+        sums.pop(bias, None)
     rest = [n for n in params if n not in sums]
     if rest:
         sums.update(fisher._engines(where, problem, params, b, lambda n: taps.Request(), _squares(dtype), kind=kind,

@@ -56,7 +56,9 @@ class FactorRequest(NamedTuple):
     ``transposed``: the rows of the parameter's 2-D layout are the input side (HF ``Conv1D`` ``[i, o]``,
     ``Embedding`` ``[V, d]``); ``basis``: ``(Q_A or None, Q_G)`` for EKFAC's diagonal in that basis
     (``None``: ``A`` is diagonal, its basis the identity; ``Q_A`` ``[i, k]`` with ``k < i``: thin);
-    ``a_form``: ``"auto"``, ``"dense"`` or ``"lowrank"`` (:func:`~fisherfx._factor.chooses_low_rank`).
+    ``a_form``: ``"auto"``, ``"dense"`` or ``"lowrank"`` (:func:`~fisherfx._factor.chooses_low_rank`);
+    ``joined``: a bias whose column of ones is in its weight's ``A``: nothing is accumulated (the sum is a
+    zero scalar), the request only finds out whether the taps serve the parameter.
     """
 
     mode: str = "expand"
@@ -64,6 +66,7 @@ class FactorRequest(NamedTuple):
     transposed: bool = False
     basis: tuple[Tensor | None, Tensor] | None = None
     a_form: str = "auto"
+    joined: bool = False
 
 
 class FactorSums(NamedTuple):
@@ -258,7 +261,7 @@ def make_plan(uses: list[Use], request: FactorRequest, dtype: torch.dtype,
 
     """
     mask = _masker(active)
-    if request.basis is not None:
+    if request.basis is not None or request.joined:
         return FactorPlan(request, mask, None, None), lambda d: d
     forms = {u.form for u in uses}
     if len(forms) > 1:
@@ -269,7 +272,7 @@ def make_plan(uses: list[Use], request: FactorRequest, dtype: torch.dtype,
     def post(g: Tensor) -> FactorSums:
         if g.ndim == 0:  # no output vector reached the parameter: G = 0
             o = uses[0].size[1] if request.transposed or uses[0].form == "index" else uses[0].size[0]
-            g = torch.zeros((o, o), dtype=dtype, device=a.device)
+            g = torch.zeros((o, o), dtype=dtype, device=uses[0].a.device)
         return FactorSums(a, rows, g)
 
     return FactorPlan(request, mask, a, rows), post
@@ -306,6 +309,8 @@ def accumulate(uses: list[Use], plan: FactorPlan, dtype: torch.dtype, cap: int |
     diagonal sums ``Σ_u (Q_Gᵀ G_u Q_A)²`` in the parameter's (joint) 2-D layout.
     """
     request = plan.request
+    if request.joined:
+        return torch.zeros((), dtype=dtype, device=uses[0].a.device)
     if request.basis is not None:
         return accumulate_diag([_rotated(u, request, dtype) for u in uses], Plan("diag"), dtype, cap, ws)
     units = uses[0].a.shape[0]
