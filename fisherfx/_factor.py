@@ -187,8 +187,8 @@ class Eig(NamedTuple):
 
 def eig(f: Factor) -> Eig:
     """The eigendecomposition of ``f`` in its own dtype: a dense ``eigh``; for a low-rank factor the thin
-    basis of its rows (``Uᵀ = Q R``, then the ``k × k`` ``eigh`` of ``R diag(w) Rᵀ``, ``k = min(r, i)``) and
-    its shift on the complement.
+    basis of its rows (``Uᵀ = Q R``, then the ``k × k`` ``eigh`` of ``R diag(w) Rᵀ``, ``k = min(r, i)``; both in
+    float64, then stored in ``f``'s dtype) and its shift on the complement.
     """
     if not isinstance(f, LowRank):
         if f.ndim == 1:
@@ -199,10 +199,13 @@ def eig(f: Factor) -> Eig:
     rest = f.U.new_full((), f.shift)
     if r == 0:
         return Eig(f.U.new_zeros((0,)), f.U.new_zeros((i, 0)), rest)
-    q, t = torch.linalg.qr(f.U.T)  # [i, k], [k, r]
-    s = (t * f.weights) @ t.T
+    # in float64: rows repeated over EMA updates (or dead units) make U very rank-deficient, where a float32
+    # Householder QR slows down ~10× (denormal numbers) and a float32 eigh can fail to converge
+    q, t = torch.linalg.qr(f.U.T.to(torch.float64))  # [i, k], [k, r]
+    s = (t * f.weights.to(torch.float64)) @ t.T
     values, w = torch.linalg.eigh((s + s.T) / 2)
-    return Eig(values + f.shift, q @ w, rest if q.shape[1] < i else None)
+    kind = f.U.dtype
+    return Eig((values + f.shift).to(kind), (q @ w).to(kind), rest if q.shape[1] < i else None)
 
 
 def damped_inverse(f: Factor, shift: float, e: Eig | None = None) -> Factor:
