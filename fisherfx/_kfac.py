@@ -651,7 +651,7 @@ def ekfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, factors: K
         if s.numel() == o * width:
             s = _canon(layer, (s.reshape(-1) / z).reshape((width, o) if layer.transposed else (o, width)))
         else:  # a zero sum (no unit reached it)
-            s = torch.zeros((o, width), dtype=layer.G.dtype)
+            s = torch.zeros((o, width), dtype=layer.G.dtype, device=layer.G.device)
         eig[key] = e._replace(scale=_canon(layer, s[:, :k]).contiguous(),
                               scale_rest=s[:, k:].sum(1) / rest if rest else None)
     made = provenance("ekfac", kind=kind, per="sample", normalize=normalize, n_samples=n_samples, dtype=dtype)

@@ -423,6 +423,17 @@ def test_save_and_load_lowrank_factors(tmp_path):
         ffx.load(tmp_path / "f.safetensors", params={**s.params, "0.weight": torch.zeros(5, 299, dtype=F64)})
 
 
+def test_show_prints_lowrank_factors(tmp_path, capsys):
+    from fisherfx._cli_fisher import show
+
+    fac = factors("wide-mlp", "empirical", "expand", "auto")
+    ffx.save(tmp_path / "k.safetensors", {"f": fac, "ema": K.kfac_ema_update(K.kfac_ema_init(fac, 0.9), fac)})
+    show(str(tmp_path / "k.safetensors"), top=1)
+    out = capsys.readouterr().out
+    assert "layer 0.weight (0.weight, 0.bias): A low-rank (6 rows) 301, G 5, a_count 6" in out
+    assert f"[f] trace: {float(K.kfac_trace(fac)):.6g}" in out
+
+
 def v1_setting() -> Setting:
     """The model and batch of ``tests/data/kfac-v1.safetensors``, written by fisherfx at 2c8bfe7 (before low-rank
     factors) as ``{"kfac": kfac_eig(kfac(...)), "ekfac": ekfac(...), "ema": EMA (decay 0.9) of the factors of the
