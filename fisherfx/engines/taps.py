@@ -471,7 +471,7 @@ def estimate(
                        where=where, offset=lo, split_positions=split_positions, index=index)
              for lo, hi in ((0, cut), (cut, n))]
     missing = {**parts[1].missing, **parts[0].missing}
-    sums = {name: kfac_taps.add(parts[0].sums[name], parts[1].sums[name]) for name in requests
+    sums = {name: kfac_taps.add(parts[0].sums[name], parts[1].sums[name], requests[name].factors) for name in requests
             if name in parts[0].sums and name in parts[1].sums}
     return Result(sums, {name: missing[name] for name in requests if name not in sums}, parts[0].width)
 
