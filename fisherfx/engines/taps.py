@@ -608,8 +608,9 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
         grads = torch.autograd.grad(outputs, [c.y for c in calls], vectors[r], retain_graph=r < draws - 1,
                                     allow_unused=True)
         for c, g in zip(calls, grads, strict=True):
-            if g is None:
-                continue
+            if g is None:  # every name passed the graph check: each call's output reaches the outputs
+                raise RuntimeError(f"{where}: tap engine invariant broken: a covered layer's output got no gradient "
+                                   "(please report)")
             parts = _linear_squares(c, g, requests, params, plans, dtype)
             if parts is not None:
                 for name, part in parts.items():
@@ -627,11 +628,6 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
                 sums[name] = part if name not in sums else sums[name] + part
     out = {}
     for name in order:
-        request = requests[name]
-        if name not in sums:  # no gradient reached it
-            z = torch.zeros_like(params[name], dtype=dtype)
-            out[name] = z if request.pattern is None else group_reduce(request.pattern, request.sizes)(z)
-            continue
         post, value = plans[name][1], sums[name]
         out[name] = (value if value.shape == params[name].shape else value.reshape(params[name].shape)) \
             if post is None else post(value)
