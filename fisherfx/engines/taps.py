@@ -208,11 +208,18 @@ def _owned(index: ModelIndex, names: list[str], k: layers.Kinds) -> _Owners:
     return _Owners(out, holders, keys, plain and slots == len(out))
 
 
+def _same_bytes(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal`` of two byte tensors, compared 8 bytes at a time where their length allows."""
+    if a.numel() == b.numel() and a.numel() % 8 == 0:
+        a, b = a.view(torch.int64), b.view(torch.int64)
+    return torch.equal(a, b)
+
+
 def _restored(before: tuple, device: torch.device) -> bool:
     """Whether the global random state moved since ``before`` (then it is put back)."""
     cuda = device.type == "cuda"
-    moved = not torch.equal(before[0], torch.get_rng_state()) or (
-        cuda and not torch.equal(before[1], torch.cuda.get_rng_state(device)))
+    moved = not _same_bytes(before[0], torch.get_rng_state()) or (
+        cuda and not _same_bytes(before[1], torch.cuda.get_rng_state(device)))
     if moved:
         torch.set_rng_state(before[0])
         if cuda:
