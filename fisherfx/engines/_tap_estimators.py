@@ -328,7 +328,7 @@ def make_plan(use_list: list[Use], request: Any, param: Tensor, dtype: torch.dty
         return Plan("diag"), lambda d: reduce(d.reshape(shape))
     axis, gid, count, out_shape = groups
     plan = Plan("mask_" + axis, gid, count, theta) if request.mask else Plan(axis, gid, count)
-    return plan, lambda v: v.reshape(out_shape)
+    return plan, lambda v: v if v.shape == out_shape else v.reshape(out_shape)
 
 
 def group_reduce(pattern: str, sizes: Mapping[str, int]) -> Callable[[Tensor], Tensor]:
