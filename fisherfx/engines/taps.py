@@ -543,8 +543,7 @@ class _Hit(NamedTuple):
 
 def _aliases(p: Tensor, own: Tensor | None) -> bool:
     """Whether ``p`` holds exactly the module's own tensor ``own`` (e.g. a detached view of it)."""
-    return (own is not None and p.data_ptr() == own.data_ptr() and p.dtype == own.dtype and p.shape == own.shape
-            and p.stride() == own.stride() and type(p) in _PLAIN_TYPES and p.device == own.device)
+    return own is not None and p.dtype == own.dtype and type(p) in _PLAIN_TYPES and p.is_set_to(own)
 
 
 _PLAIN_TYPES = (Tensor, nn.Parameter)  # not tensor subclasses (DTensor, ...): their storage may say nothing
@@ -600,7 +599,7 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
         if (y.grad_fn is None or y._version != y_version or x._version != x_version or y.ndim < 2
                 or y.shape[0] != n or n in layers.position_shape(module, tuple(y.shape), k)):
             return fail()  # changed in place after the call, broadcast, or a position axis as long as the batch
-        calls.append(_Hit(module, x, y, keys[id(module)], y.grad_fn, x.grad_fn))  # x read under no_grad only
+        calls.append(_Hit(module, x.detach(), y, keys[id(module)], y.grad_fn, x.grad_fn))
         size += y.numel()
     if size > PLAIN_BUDGET:
         return fail()
@@ -615,40 +614,31 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
     for r in range(draws):
         grads = torch.autograd.grad(outputs, [c.y for c in calls], vectors[r], retain_graph=r < draws - 1,
                                     allow_unused=True)
-        with torch.no_grad():  # the inputs x are part of the graph: nothing below is recorded
-            _accumulate_plain(calls, grads, sums, plans, requests, params, prepared, k, dtype, chunk_size, ws, where)
+        for c, g in zip(calls, grads, strict=True):
+            if g is None:  # every name passed the graph check: each call's output reaches the outputs
+                raise RuntimeError(f"{where}: tap engine invariant broken: a covered layer's output got no gradient "
+                                   "(please report)")
+            parts = _linear_squares(c, g, requests, params, plans, dtype)
+            if parts is not None:
+                for name, part in parts.items():
+                    sums[name] = part if name not in sums else sums[name] + part
+                continue
+            view = layers.out_view(c.module, g, k)
+            made = {} if view is None or view.shape[0] != n else layers.uses(c.module, c.x, view, c.keys, k, dtype)
+            for name in c.keys.values():
+                if name not in made:
+                    raise RuntimeError(f"{where}: tap engine invariant broken: the plain pass cannot read the "
+                                       f"gradient of {name!r} per sample (please report)")
+                if name not in plans:
+                    plans[name] = _plan([made[name]], requests[name], params[name], dtype, prepared.active)
+                part = _accumulate([made[name]], plans[name][0], dtype, chunk_size, ws)
+                sums[name] = part if name not in sums else sums[name] + part
     out = {}
     for name in order:
         post, value = plans[name][1], sums[name]
         out[name] = (value if value.shape == params[name].shape else value.reshape(params[name].shape)) \
             if post is None else post(value)
     return Result(out, {name: missing[name] for name in requests if name in missing}, outputs.shape[-1])
-
-
-def _accumulate_plain(calls: list[_Hit], grads: tuple, sums: dict[str, Tensor], plans: dict[str, tuple],
-                      requests: Mapping[str, Request], params: Mapping[str, Tensor], prepared: Prepared,
-                      k: layers.Kinds, dtype: torch.dtype, chunk_size: int | None, ws: Workspace, where: str) -> None:
-    """Add one output vector's contributions to ``sums`` (plans made on first use)."""
-    n = prepared.active.shape[0]
-    for c, g in zip(calls, grads, strict=True):
-        if g is None:  # every name passed the graph check: each call's output reaches the outputs
-            raise RuntimeError(f"{where}: tap engine invariant broken: a covered layer's output got no gradient "
-                               "(please report)")
-        parts = _linear_squares(c, g, requests, params, plans, dtype)
-        if parts is not None:
-            for name, part in parts.items():
-                sums[name] = part if name not in sums else sums[name] + part
-            continue
-        view = layers.out_view(c.module, g, k)
-        made = {} if view is None or view.shape[0] != n else layers.uses(c.module, c.x, view, c.keys, k, dtype)
-        for name in c.keys.values():
-            if name not in made:
-                raise RuntimeError(f"{where}: tap engine invariant broken: the plain pass cannot read the "
-                                   f"gradient of {name!r} per sample (please report)")
-            if name not in plans:
-                plans[name] = _plan([made[name]], requests[name], params[name], dtype, prepared.active)
-            part = _accumulate([made[name]], plans[name][0], dtype, chunk_size, ws)
-            sums[name] = part if name not in sums else sums[name] + part
 
 
 def _recording(module: nn.Module, hits: list) -> Any:
