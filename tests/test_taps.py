@@ -847,3 +847,25 @@ def test_float32_model_accumulates_in_float64_on_request():
     want = ffx.diag_fisher(problem, params, batch, dtype=F64, engine="generic")
     assert all(v.dtype == F64 for v in got.value.values())
     assert_values_close(got.value, want.value, rtol=1e-4, atol=1e-6)  # float32 forward and backward
+
+
+class Unused(nn.Module):
+    """A layer called but its output never used, beside a plain MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.aux = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.aux(x)  # computed and dropped: its parameters get zero
+        return self.net(x)
+
+
+def test_plain_pass_leaves_a_layer_whose_output_is_unused_to_the_full_pass(plain_spy):
+    problem = ffx.supervised(_build(Unused), ffx.Categorical())
+    params, batch = ffx.params_of(problem.model), (randn(1, 5, 4), randint(2, 3, 5))
+    got = ffx.diag_fisher(problem, params, batch, dtype=F64)
+    assert_values_close(got.value, ffx.diag_fisher(problem, params, batch, dtype=F64, engine="generic").value,
+                        **TAPS_VS_GENERIC)
+    assert plain_spy == [False] and got.value["aux.weight"].abs().sum() == 0

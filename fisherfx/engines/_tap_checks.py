@@ -117,6 +117,42 @@ def graph_covered(outputs: Tensor, calls: list, leaves: Mapping[str, Tensor],
     return covered, {name for name, p in parents.items() if not p}, consumers
 
 
+def used_only_inside(outputs: Tensor, calls: list, leaves: Mapping[str, Tensor]) -> bool:
+    """Whether every tapped call's output reaches ``outputs`` and no parameter of ``leaves`` is used in
+    their graph outside the calls.
+
+    For calls of PyTorch's own layers, each called once and holding its parameters alone (the plain
+    pass of the tap engine): such a call uses its parameters, and its nodes use nothing else, so the
+    walk skips from each call's output node to its input's node and only looks at the edges outside
+    the calls. :func:`graph_covered` is the general check.
+    """
+    ids = {id(t) for t in leaves.values()}
+    skip = {c.node: c.stop for c in calls}
+    reached = 0
+    root = outputs.grad_fn
+    seen, stack = {root}, [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if node in skip:  # a call's own nodes: continue below its input
+            reached += 1
+            below = skip[node]
+            if below is not None and below not in seen:
+                seen.add(below)
+                stack.append(below)
+            continue
+        for child, _ in node.next_functions:
+            if child is None or child in seen:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                if id(variable) in ids:
+                    return False
+            else:
+                seen.add(child)
+                stack.append(child)
+    return reached == len(skip)
+
+
 def roots(stops: list[Tensor]) -> list[Tensor]:
     """The tensors of ``stops`` from whose node no other stop's node can be reached.
 
@@ -228,4 +264,4 @@ def probe(calls: list, check: list[int], outputs: Tensor, active: Tensor, backwa
 
 
 __all__ = ["NEGLIGIBLE", "TRUSTED", "graph_covered", "formula_holds", "probe", "roots", "sums_match", "tolerance",
-           "trusted"]
+           "trusted", "used_only_inside"]

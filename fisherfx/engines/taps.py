@@ -603,8 +603,7 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
         size += y.numel()
     if size > PLAIN_BUDGET:
         return fail()
-    covered, _, _ = checks.graph_covered(outputs, calls, leaves)
-    if len(covered) != len(order):
+    if not checks.used_only_inside(outputs, calls, leaves):
         return fail()
     vectors = output_vectors(problem, outputs, prepared, kind, noise)
     draws = vectors.shape[0]
