@@ -103,8 +103,11 @@ def draw_noise(problem: Problem, prepared: Prepared, n_samples: int, generator: 
     active, targets = prepared.active, prepared.targets
     event = tuple(targets.shape[2:])  # Gaussian/Bernoulli: one number per output; Categorical: none
     # the likelihood draws for an outputs shape: Categorical drops its class axis, the others keep it
-    flat = problem.likelihood.noise(torch.Size((int(active.sum()), *(event or (1,)))), n_samples, generator)
+    n_active = int(active.sum())
+    flat = problem.likelihood.noise(torch.Size((n_active, *(event or (1,)))), n_samples, generator)
     flat = flat.to(active.device)
+    if n_active == active.numel():  # every position active: the draws in row-major order already
+        return flat.reshape(n_samples, *active.shape, *flat.shape[2:])
     full = torch.zeros((n_samples, *active.shape, *flat.shape[2:]), dtype=flat.dtype, device=active.device)
     full[:, active] = flat
     return full
