@@ -29,7 +29,7 @@ gradient; otherwise the generic engine must serve it (``engine="auto"`` does tha
 """
 
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -61,6 +61,13 @@ class Request(NamedTuple):
     sizes: Mapping[str, int] = {}  # never mutated (a NamedTuple default is shared); kept picklable
     mask: bool = False
     factors: kfac_taps.FactorRequest | None = None
+
+
+Consumer = Callable[[int, int, dict[str, list[tuple[Use, Tensor | None]]]], None]
+"""``consume(offset, draw, uses)``: the uses of one output vector (``draw``) for the samples ``offset + …``
+of the batch, ``{name: [(Use, positions)]}`` with ``positions`` ``[N, P]`` the canonical position each
+layer position feeds (units are active positions), or ``None`` (units are samples). The uses stay
+valid after the call."""
 
 
 class Result(NamedTuple):
@@ -406,6 +413,7 @@ def estimate(
     chunk_size: int | None = None,
     where: str = "taps",
     split_positions: bool = False,
+    consume: "Consumer | None" = None,
 ) -> Result:
     """Sums over units of the requested estimators, for the parameters the taps can serve.
 
@@ -425,29 +433,42 @@ def estimate(
         where: the public function, for error messages.
         split_positions: each output vector becomes one vector per active position
             (:class:`._tap_kfac.PositionSplit`) and units are samples: K-FAC's ``kind="exact"``.
+        consume: instead of the requested estimators, hand every output vector's uses to this
+            :data:`Consumer` (the curvature products of :mod:`._tap_products`); ``requests`` then only
+            name the parameters.
 
     Returns:
         :class:`Result`: ``sums`` ``{name: [*P] or [G...]}``, not normalised and for ``mc`` not
         divided by ``S``; ``missing`` ``{name: reason}`` for the parameters left to the generic engine.
+        With ``consume``, ``sums`` holds a zero scalar per parameter served (its uses went to ``consume``).
 
     Raises:
         FisherError: non-finite outputs, or random numbers drawn in the forward (dropout in train mode).
 
     """
     n, t = prepared.active.shape
-    per_position = (not split_positions and t > 1 and (per == "token" or kind == "exact")
-                    and int(prepared.active.sum(1).max()) > 1)
+    per_position = not split_positions and units_are_positions(prepared, kind, per)
     cut = None if per_position else split_point(prepared)
     if cut is None:
         return _estimate(problem, params, prepared, requests, kind=kind, per_position=per_position, noise=noise,
-                         dtype=dtype, chunk_size=chunk_size, where=where, split_positions=split_positions)
+                         dtype=dtype, chunk_size=chunk_size, where=where, split_positions=split_positions,
+                         consume=consume)
     parts = [_estimate(problem, params, _part(prepared, lo, hi), requests, kind=kind, per_position=False,
                        noise=None if noise is None else noise[:, lo:hi], dtype=dtype, chunk_size=chunk_size,
-                       where=where, offset=lo, split_positions=split_positions) for lo, hi in ((0, cut), (cut, n))]
+                       where=where, offset=lo, split_positions=split_positions, consume=consume)
+             for lo, hi in ((0, cut), (cut, n))]
     missing = {**parts[1].missing, **parts[0].missing}
     sums = {name: kfac_taps.add(parts[0].sums[name], parts[1].sums[name]) for name in requests
             if name in parts[0].sums and name in parts[1].sums}
     return Result(sums, {name: missing[name] for name in requests if name not in sums}, parts[0].width)
+
+
+def units_are_positions(prepared: Prepared, kind: str, per: str) -> bool:
+    """Whether the units of :func:`estimate` are active positions (``per="token"`` or ``kind="exact"`` with some
+    sample holding several), which the engine checks with two extra backwards per call.
+    """
+    active = prepared.active
+    return active.shape[1] > 1 and (per == "token" or kind == "exact") and int(active.sum(1).max()) > 1
 
 
 def split_point(prepared: Prepared) -> int | None:
@@ -488,7 +509,7 @@ def _accumulate(uses: list[Use], plan: Any, dtype: torch.dtype, cap: int | None,
 
 def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request], *,
               kind: Kind, per_position: bool, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None,
-              where: str, offset: int = 0, split_positions: bool = False) -> Result:
+              where: str, offset: int = 0, split_positions: bool = False, consume: "Consumer | None" = None) -> Result:
     """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages); with
     ``per_position`` each active position is a unit of its own.
     """
@@ -538,7 +559,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
             if run.final:  # the call's tensors are not needed again: autograd may free them as it goes
                 call.x = call.y = call.x_graph = None
 
-        streamed = set() if per_position else run.stream(todo, check, sink)
+        streamed = set() if per_position or consume is not None else run.stream(todo, check, sink)
         found = run.first_draw(todo, vectors[0], missing, tol, last=draws == 1 and not check)
         todo = [name for name in todo if name not in missing]
         check = sorted(i for i in check if set(run.calls[i].keys.values()) & set(todo))
@@ -548,7 +569,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                 missing.setdefault(name, MIXING if per_position else NO_SAMPLES)
         todo = [name for name in todo if name not in missing]
         plans.update({name: _plan([u for _, u in found[name]], requests[name], params[name], dtype, active)
-                      for name in todo if name not in streamed})
+                      for name in todo if name not in streamed and consume is None})
         calls_of = {name: [i for i, _ in found.get(name, [])] for name in todo}
         for r in range(draws):
             if r > 0:
@@ -559,6 +580,11 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                     if [i for i, _ in found.get(name, [])] != calls_of[name] or not fired:
                         raise RuntimeError(f"{where}: tap engine invariant broken: draw {r} reached other calls "
                                            f"of {name!r} than draw 0 (please report)")
+            if consume is not None:
+                consume(offset, r, {name: [(u, probes[i][2] if per_position else None) for i, u in found.get(name, [])]
+                                    for name in todo})
+                found = {}
+                continue
             for name in todo:
                 if name in streamed:
                     continue
@@ -569,6 +595,10 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                     part = _accumulate(use_list, plans[name][0], dtype, cap, ws)
                     sums[name] = part if name not in sums else sums[name] + part
             found = {}
+    if consume is not None:
+        sums = {name: outputs.new_zeros((), dtype=dtype) for name in (*todo, *zero)}
+        return Result(sums, {name: missing[name] for name in requests if name in missing and name not in sums},
+                      outputs.shape[-1])
     out = {}
     for name in todo:
         if name not in sums:  # no unit reached it (all its gradients were zero)
@@ -582,4 +612,4 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                   outputs.shape[-1])
 
 
-__all__ = ["Request", "Result", "estimate"]
+__all__ = ["Consumer", "Request", "Result", "estimate", "units_are_positions"]
