@@ -38,10 +38,11 @@ from torch.func import grad, jvp, vmap
 
 from ._errors import FisherError
 from ._gradient_products import gradient_product
+from ._hessian_products import hessian_product
 from ._options import choice
 from ._products import accumulate, batches_of, check, forward_of, grad_leaves, like_params, per_vector, push
 from .engines import taps
-from .fisher import PERS, Engine, Normalize, Per
+from .fisher import ENGINES, PERS, Engine, Normalize, Per
 from .losses import summed_nll
 from .problems import Prepared, Problem
 from .vectors import Vector
@@ -177,8 +178,8 @@ def mc_fisher_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: 
 
 
 def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
-        normalize: Normalize = "samples") -> Vector:
-    """Hessian of the normalised NLL :func:`~fisherfx.nll` times ``v`` (reverse over reverse).
+        normalize: Normalize = "samples", engine: Engine = "auto") -> Vector:
+    """Hessian of the normalised NLL :func:`~fisherfx.nll` times ``v``.
 
     .. math::
         H v = \\nabla^2_θ \\Big( \\frac{1}{Z} \\sum_n ℓ_n(θ) \\Big) v
@@ -188,21 +189,48 @@ def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[s
     Not positive semi-definite in general (the second term); it equals :func:`ggn_vp` for a model
     linear in ``params``.
 
+    Two routes. Reverse over reverse: the backward of the gradient (built with ``create_graph``) along
+    ``v``; for ``K`` vectors forward over reverse, the tangents batched over one primal forward and backward
+    (one vector at a time for models with convolutions). Through the taps
+    (:mod:`fisherfx._hessian_products`): ``H v`` is the gradient of ``s = ⟨∇_θ L, v⟩``, with ``s`` formed
+    from the layers' output gradients ``∂L/∂y`` and the layers evaluated at ``v`` (each is linear in its
+    parameters), so the first backward forms no weight gradient, and ``K`` vectors share the forward and
+    that first backward, each with its own second backward.
+
     Args:
         problem, params, batch, v, normalize: as :func:`ggn_vp`.
+        engine: ``"auto"`` (one vector reverse over reverse, ``K`` vectors through the taps: the choices
+            measured faster, see ``docs/benchmarks-operators.md``), ``"taps"`` (through the taps for any
+            ``K``; raises for parameters no recorded layer call accounts for, which ``"auto"`` takes
+            through their own gradient) or ``"generic"`` (reverse over reverse, forward over reverse for
+            ``K`` vectors).
 
     Returns:
         ``{name: [*P]}`` (or ``[K, *P]``).
 
     Raises:
-        FisherError: as :func:`ggn_vp`.
+        FisherError: as :func:`ggn_vp`, and ``engine="taps"`` with a parameter the taps cannot serve.
 
     """
     where = "hvp"
+    choice(where, "engine", engine, ENGINES)
     params, v, k = check(where, problem, params, v, normalize)
     tangents = like_params(v, params)
 
+    def tapped(prepared: Prepared) -> Vector:
+        vs = [tangents] if k is None else [{name: t[i] for name, t in tangents.items()} for i in range(k)]
+        products, missing = hessian_product(where, problem, params, prepared, vs, strict=engine == "taps")
+        if engine == "taps" and missing:
+            raise FisherError(f"{where}: engine='taps' cannot serve " + ", ".join(map(repr, missing))
+                              + " (no recorded call of a supported layer accounts for all of its uses). Use "
+                              "engine='auto' to take their gradients from autograd")
+        if k is None:
+            return products[0]
+        return {name: torch.stack([p[name] for p in products]) for name in params}
+
     def product(prepared: Prepared, noise: Tensor | None) -> Vector:
+        if engine == "taps" or (engine == "auto" and k is not None):
+            return tapped(prepared)
         forward = forward_of(where, problem, prepared)
 
         def loss(values: Mapping[str, Tensor]) -> Tensor:

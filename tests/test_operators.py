@@ -197,6 +197,32 @@ def test_a_mix_of_routes_is_the_exact_sum(k: int | None):
     assert_tree_close(mc["auto"], mc["generic"], **FLOAT64_TOL)
 
 
+@pytest.mark.parametrize("k", (None, K))
+@pytest.mark.parametrize("engine", ROUTES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_hessian_routes_equal_dense(case: Case, engine: str, k: int | None):
+    """Every route of ``hvp``, for one vector and ``K``, is the dense Hessian times ``v``."""
+    b = build(case)
+    v = probes(b.params, k=k)
+    got = ffx.hvp(b.problem, b.params, b.batch, v, engine=engine)
+    assert_product_close(case, got, expected(case, "hessian", v, "samples"))
+
+
+@pytest.mark.parametrize("k", (None, K))
+def test_hessian_mix_is_exact(k: int | None):
+    """Parameters no recorded layer call accounts for enter ``⟨∇L, v⟩`` through their own gradient."""
+    problem, params, batch, _ = mixed_case()
+    model = problem.model
+    x, y = batch
+    nlls = testing.supervised_nlls(model, ffx.Categorical(), x, y)
+    v = probes(params, k=k)
+    want = vectors.unflatten(vectors.flatten(v, params) @ testing.hessian_matrix(nlls, params, count=1) / x.shape[0],
+                             params)
+    assert_tree_close(ffx.hvp(problem, params, batch, v), want, **FLOAT64_TOL)
+    with pytest.raises(ffx.FisherError, match=r"engine='taps' cannot serve 'act\.weight', 'b\.weight'"):
+        ffx.hvp(problem, params, batch, v, engine="taps")
+
+
 @pytest.mark.parametrize("engine", ("taps", "generic"))
 def test_routes_with_lists_subsets_and_normalizations(engine: str):
     """A list of batches, a parameter subset and each normalisation, through each route (per position too)."""
@@ -402,11 +428,12 @@ FNS = {"ggn": ffx.ggn_vp, "empirical": ffx.empirical_fisher_vp, "hessian": ffx.h
        n=st.integers(1, 6), seed=st.integers(0, 2**16), split=st.integers(1, 5), engine=st.sampled_from(ROUTES))
 def test_invariants(likelihood: str, which: str, n: int, seed: int, split: int, engine: str):
     """Symmetry ``uᵀAv = vᵀAu``, ``vᵀAv ≥ 0`` for the GGN and the empirical and MC Fisher, linearity, splits
-    combine (each route of the empirical and MC products; MC with the same generator state in every call)."""
+    combine (each route of the empirical, MC and Hessian products; MC with the same generator state in every
+    call)."""
     model, problem = small_problem(likelihood)
     params = ffx.params_of(model)
     batch = small_batch(likelihood, n, seed)
-    options = {"engine": engine} if which in ("empirical", "mc") else {}
+    options = {"engine": engine} if which in ("empirical", "mc", "hessian") else {}
 
     def fn(*args):
         extra = {"generator": generator(seed)} if which == "mc" else {}
