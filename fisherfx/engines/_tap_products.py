@@ -1,5 +1,5 @@
-"""Products with per-unit gradients from tap factors: ``∇ℓ_uᵀ v`` and ``Σ_u s_u ∇ℓ_u`` with no
-per-unit gradient formed.
+"""Products with per-unit gradients from tap factors: ``∇ℓ_uᵀ v`` and ``Σ_u s_u ∇ℓ_u`` with no per-unit
+gradient held for the whole batch.
 
 The gradient of a parameter for unit ``u`` (a sample, or an active position) is a sum over its uses
 (:class:`~._tap_layers.Use`) and their positions ``p`` of ``c_{u,p} = a_p b_pᵀ`` (outer, index) or
@@ -19,20 +19,45 @@ index    ``V_k[idx_p] · b_p`` (rows gathered)       ``index_add`` of ``w ⊗ b`
 vector   ``a_p · v_k``                              ``wᵀ a``
 =======  ========================================  ============================================
 
-(the ``outer`` products also in the transposed order, whichever temporary is smaller). A layer
-position ``p`` belongs to unit ``(n, t)`` through the tap engine's canonical positions (per
-position), or to sample ``n`` (per sample). One forward and one activation-only backward per output
-vector give all of it: no ``jvp``, no per-vector backward.
+(the ``outer`` products also in the transposed order, whichever temporary is smaller). Where the
+units are samples and a matrix use has several positions (sequences, convolutions), the sums go
+through the per-sample gradients ``G_n = Σ_p a_p b_pᵀ`` instead, formed a chunk of samples at a time as
+the diagonal forms them: ``⟨G_n, V_k⟩`` and ``Σ_n w_{n,k} G_n`` are then one small product each for all
+``K``, where the positions' products cost ``P`` times as much per vector. A layer position ``p``
+belongs to unit ``(n, t)`` through the tap engine's canonical positions (per position), or to sample
+``n`` (per sample). One forward and one activation-only backward per output vector give all of it: no
+``jvp``, no per-vector backward.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
 
+from ._tap_estimators import BUDGET, _explicit
 from ._tap_layers import Use
 
 Units = tuple[Tensor | None, Tensor]  # (canonical positions [N, P] or None, the sample's slot [N])
+
+
+def _through_samples(use: Use, k: int) -> bool:
+    """Whether per-sample sums go through the per-sample gradients ``G_n = Σ_p a_p b_pᵀ`` (formed in chunks by
+    :func:`._tap_estimators._explicit`, as the diagonal forms them): for a matrix use with several positions,
+    ``G_n`` costs one weight gradient's products, after which each vector costs ``N·o·i`` instead of
+    ``N·P·o·i``. A convolution's ``G_n`` (a weight gradient per sample) costs more than its own convolution
+    and weight gradient of one vector: there only for ``K > 1`` (CNN workload, CPU: 2.2x a forward+backward for
+    ``K = 8`` against 10.9x; 2.3x against 1.7x for one vector).
+    """
+    return use.form == "outer" and use.a.shape[1] > 1 and (use.grads is None or k > 1)
+
+
+def _sample_grads(use: Use, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
+    """``(lo, hi, G)`` with ``G`` ``[hi − lo, o·i]`` the per-sample gradients of samples ``lo:hi``."""
+    units, width = use.a.shape[0], int(torch.Size(use.size).numel())
+    step = max(1, min(units, BUDGET // max(width, 1)))
+    for lo in range(0, units, step):
+        hi = min(lo + step, units)
+        yield lo, hi, _explicit([use], lo, hi, dtype).reshape(hi - lo, width)
 
 
 def inner(use: Use, vectors: Tensor, dtype: torch.dtype, summed: bool = False) -> Tensor:
@@ -41,6 +66,9 @@ def inner(use: Use, vectors: Tensor, dtype: torch.dtype, summed: bool = False) -
     """
     k = vectors.shape[0]
     vectors = vectors.to(dtype)
+    if summed and _through_samples(use, k):  # ⟨G_n, V_k⟩, all K in one product per chunk of samples
+        flat = vectors.reshape(k, -1)
+        return torch.cat([g @ flat.T for _, _, g in _sample_grads(use, dtype)])[:, None]
     if use.form == "vector":
         a = use.a.to(dtype)
         return (a.sum(1, keepdim=True) if summed else a) @ vectors.T
@@ -70,6 +98,12 @@ def weighted(use: Use, w: Tensor, dtype: torch.dtype) -> Tensor:
     if use.form == "vector":
         a = use.a.to(dtype)
         return torch.einsum("npk,npd->kd", w, a) if w.shape[1] > 1 else w[:, 0].T @ a.sum(1)
+    if w.shape[1] == 1 and _through_samples(use, k):  # Σ_n w_{n,k} G_n, chunk by chunk
+        total = None
+        for lo, hi, g in _sample_grads(use, dtype):
+            part = w[lo:hi, 0].T @ g
+            total = part if total is None else total + part
+        return total.reshape(k, *use.size)
     if use.weighted is not None:  # the layer's own (a convolution)
         return use.weighted(w).to(dtype)
     p = use.a.shape[1]
