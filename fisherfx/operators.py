@@ -50,7 +50,7 @@ from .vectors import Vector
 
 def _ggn_cotangent(problem: Problem, out: Tensor, jv: Tensor, prepared: Prepared, **_: Any) -> Tensor:
     """``u = H J v`` per active position (zero elsewhere), ``H`` in closed form."""
-    f = out.detach()
+    f, jv = out.detach(), jv.detach()  # a cotangent needs no graph of its own
     if f.dtype in (torch.float16, torch.bfloat16):
         f, jv = f.float(), jv.float()
     return problem.likelihood.hessian_vp(f, jv) * prepared.active[..., None].to(f.dtype)
