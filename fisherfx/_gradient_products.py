@@ -80,7 +80,7 @@ def _pushed(where: str, problem: Problem, params: Vector, prepared: Prepared, no
             k: int | None, kind: str, per: str) -> Vector:
     """The product by ``jvp``/``vjp``: ``s`` from one forward with tangents, pulled back through its graph."""
     out, jv, pull = push(where, problem, params, prepared, v, k)
-    return pull(gradient_cotangent(problem, out, jv, prepared, kind=kind, per=per, noise=noise))
+    return pull(gradient_cotangent(problem, out, jv.detach(), prepared, kind=kind, per=per, noise=noise))
 
 
 def _tapped(where: str, problem: Problem, params: Vector, prepared: Prepared, noise: Tensor | None, v: Vector,
