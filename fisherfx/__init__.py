@@ -3,6 +3,7 @@
 from ._collect import Collected, collect
 from ._errors import FisherError, FisherfxError
 from ._explain import Explanation, Served, explain
+from ._factor import LowRank
 from ._kfac import (
                      KFAC,
                      Eigenbasis,
@@ -132,6 +133,7 @@ __all__ = [
     "KFACEMAState",
     "KFACOptState",
     "KFACOptimizer",
+    "LowRank",
     "apply_updates",
     "ekfac",
     "kfac",

@@ -287,7 +287,7 @@ def _show_one(prefix: str, fields: dict[str, Any], obj: Any, top: int) -> None:
 
 def _show_kfac(prefix: str, fields: dict[str, Any], obj: Any, top: int) -> None:
     """K-FAC factors (or their EMA): mode, each layer's factor sizes and ``tr G · tr A``, the diagonals, the trace."""
-    from . import _kfac
+    from . import _factor, _kfac
 
     if isinstance(obj, _kfac.KFACEMAState):
         ema = fields.get("ema", {}).get("A") or fields.get("ema", {}).get("diagonal") or {}
@@ -300,9 +300,10 @@ def _show_kfac(prefix: str, fields: dict[str, Any], obj: Any, top: int) -> None:
     print(f"{prefix}mode: {obj.mode}")
     traces = {}
     for key, layer in obj.layers.items():
-        a, g = (t.double() if t.ndim == 1 else t.double().diagonal() for t in (layer.A, layer.G))
-        traces[key] = float(a.sum() * g.sum())
-        sizes = f"A {'diagonal ' if layer.A.ndim == 1 else ''}{layer.A.shape[0]}, G {layer.G.shape[0]}"
+        traces[key] = _factor.trace(layer.A) * float(layer.G.double().diagonal().sum())
+        form = ("diagonal " if len(_factor.shape(layer.A)) == 1 else
+                f"low-rank ({layer.A.U.shape[0]} rows) " if isinstance(layer.A, _factor.LowRank) else "")
+        sizes = f"A {form}{_factor.size(layer.A)}, G {layer.G.shape[0]}"
         print(f"  layer {key} ({', '.join(layer.names)}{', transposed' if layer.transposed else ''}): {sizes}, "
               f"a_count {int(layer.a_count)}, tr G tr A {traces[key]:.4g}")
     totals = {name: float(d.double().sum()) for name, d in obj.diagonal.items()}

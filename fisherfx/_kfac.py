@@ -18,6 +18,10 @@ cross-position terms). Inactive positions (padding, ``ignore_index``) count in n
 The factors come from the tap engine's ``x`` and ``g`` (:mod:`fisherfx.engines._tap_kfac`); the
 scaling equals curvlinops' ``KFACLinearOperator`` for the same mean-reduced loss.
 
+Where the rows ``A`` averages over are fewer than its inputs, ``A`` is kept as those rows
+(:class:`~fisherfx._factor.LowRank`, ``A = (1/M) Uᵀ U``) and every operation uses them exactly, without
+the ``i × i`` matrix (``a_form``; :mod:`fisherfx._factor` for the rule).
+
 Layers: ``Linear``, ``Conv1d``/``Conv2d`` (KFC: unfolded patches, positions = output pixels), HF
 ``Conv1D`` (weight ``[i, o]``: ``F ≈ A ⊗ G``, product ``A V G``), ``Embedding`` (``A`` diagonal: token
 frequencies, always expand). A parameter no layer covers (norm weights and biases, weights shared
@@ -33,8 +37,9 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import fisher
+from . import _factor, fisher
 from ._errors import FisherError
+from ._factor import A_FORMS, LowRank
 from ._options import finite_number
 from .engines import _tap_kfac as kfac_taps
 from .engines import _tap_layers as tap_layers
@@ -56,6 +61,7 @@ from .vectors import Vector, check_vector, non_finite, unflatten
 
 Mode = Literal["expand", "reduce"]
 DampingKind = Literal["tikhonov", "pi"]
+AForm = Literal["auto", "dense", "lowrank"]
 KIND_NAMES = ("empirical", "mc", "exact")
 NORMALIZES = ("samples", "tokens")
 DAMPINGS = ("tikhonov", "pi")
@@ -67,24 +73,31 @@ class Factors(NamedTuple):
     ``F ≈ G ⊗ A`` on the layer's 2-D layout ``[o, i]`` (weight rows, then a last column for the bias),
     or ``A ⊗ G`` on ``[i, o]`` when ``transposed`` (HF ``Conv1D``, whose bias is a last row; ``Embedding``
     ``[V, d]`` with ``A`` the diagonal ``[V]``). A bias alone (its weight tied elsewhere, or not asked
-    for) is the layout ``[o, 1]`` with ``A = [[1]]``.
+    for) is the layout ``[o, 1]`` with ``A = [[1]]``. ``A`` is a :class:`~fisherfx._factor.LowRank` (its rows)
+    where they are fewer than its inputs (``kfac``'s ``a_form``).
     """
 
     names: tuple[str, ...]  # the parameters covered: (weight,), (weight, bias) or (bias,)
-    A: Tensor  # [i, i] inputs' second moment (ones entry last), or [V] (Embedding: diagonal)
+    A: Tensor | LowRank  # [i, i] inputs' second moment (ones entry last), LowRank (U [r, i]), or [V] (Embedding)
     G: Tensor  # [o, o] output gradients' second moment, divided by Z (and the MC draws)
     transposed: bool
     a_count: Tensor  # shape=(), int64: rows A averages over (positions for expand, samples for reduce)
 
 
 class Eigenbasis(NamedTuple):
-    """Eigendecompositions of one layer's factors (ascending), and EKFAC's eigenvalues if re-estimated."""
+    """Eigendecompositions of one layer's factors (ascending), and EKFAC's eigenvalues if re-estimated.
 
-    a_values: Tensor  # [i]
-    a_vectors: Tensor | None  # [i, i]; None: A is diagonal (its eigenbasis the identity)
+    A low-rank ``A`` has a thin basis: ``a_vectors`` ``[i, k]`` with ``k < i`` orthonormal columns, and the
+    eigenvalue ``a_rest`` on their complement (0 for the rows of a layer, none formed).
+    """
+
+    a_values: Tensor  # [k] (k = i unless thin)
+    a_vectors: Tensor | None  # [i, k]; None: A is diagonal (its eigenbasis the identity)
     g_values: Tensor  # [o]
     g_vectors: Tensor  # [o, o]
-    scale: Tensor | None = None  # EKFAC: [rows, cols] eigenvalues in the layout; None: products of factor eigenvalues
+    scale: Tensor | None = None  # EKFAC: [rows, cols] eigenvalues in the layout (k on A's side); None: products
+    a_rest: Tensor | None = None  # shape=(): A's eigenvalue on the complement of a thin a_vectors; None: complete
+    scale_rest: Tensor | None = None  # EKFAC, thin: [o] the eigenvalues on that complement (their mean over it)
 
 
 class KFAC(NamedTuple):
@@ -118,8 +131,8 @@ TIED_KINDS = ("it is shared by layers of different kinds (e.g. an Embedding and 
               "structure")
 
 
-def _requests(model: nn.Module, names: list[str],
-              mode: str) -> tuple[dict[str, taps.Request], dict[str, str], dict[str, str]]:
+def _requests(model: nn.Module, names: list[str], mode: str,
+              a_form: str = "auto") -> tuple[dict[str, taps.Request], dict[str, str], dict[str, str]]:
     """The tap request per name, ``{bias: weight}`` for the biases that join their weight's layer, and
     ``{name: why}`` for the parameters of K-FAC layers that get a diagonal by design.
     """
@@ -154,11 +167,13 @@ def _requests(model: nn.Module, names: list[str],
             if ones:
                 joins[bias_name] = name
             requests[name] = taps.Request(factors=kfac_taps.FactorRequest(
-                "expand" if family == "embedding" else mode, ones, family != "outer"))
+                "expand" if family == "embedding" else mode, ones, family != "outer", a_form=a_form))
     for name, uses in held.items():
         if name not in joins and uses and all(attr == "bias" and _family(m, k) in ("outer", "transposed")
                                               for m, attr in uses):
-            requests[name] = taps.Request(factors=kfac_taps.FactorRequest(mode, True))
+            requests[name] = taps.Request(factors=kfac_taps.FactorRequest(mode, True, a_form=a_form))
+    for bias in joins:  # its column of ones is in its weight's A: the taps only find out whether they serve it
+        requests[bias] = taps.Request(factors=kfac_taps.FactorRequest(mode, joined=True))
     return requests, joins, by_choice
 
 
@@ -167,17 +182,18 @@ def _squares(dtype: torch.dtype):
 
 
 def _check_options(where: str, kind: str, mode: str, n_samples: int, normalize: str, dtype: torch.dtype,
-                   engine: str) -> None:
+                   engine: str, a_form: str = "auto") -> None:
     fisher.check_options(where, kind, n_samples, "sample", normalize, "auto", dtype)
     for option, value, allowed in (("mode", mode, kfac_taps.MODES), ("normalize", normalize, NORMALIZES),
-                                   ("engine", engine, ("auto", "taps"))):
+                                   ("engine", engine, ("auto", "taps")), ("a_form", a_form, A_FORMS)):
         if value not in allowed:
             raise FisherError(f"{where}: {option} must be one of {list(allowed)}, got {value!r}")
 
 
 def kfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str = "empirical", mode: Mode = "expand",
          n_samples: int = 1, generator: torch.Generator | None = None, normalize: str = "samples",
-         dtype: torch.dtype = torch.float32, engine: str = "auto", chunk_size: int | None = None) -> KFAC:
+         dtype: torch.dtype = torch.float32, engine: str = "auto", chunk_size: int | None = None,
+         a_form: AForm = "auto") -> KFAC:
     """K-FAC factors of ``params`` on one batch (see the module docstring for the definitions).
 
     Args:
@@ -193,6 +209,10 @@ def kfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str =
         dtype: accumulation dtype (float32 or float64).
         engine: ``"auto"`` (parameters without factors get their diagonal) or ``"taps"`` (raise for them).
         chunk_size: as :func:`~fisherfx.diag_fisher` (the generic engine's diagonals).
+        a_form: how each ``A`` is held: ``"auto"`` (its rows, a :class:`~fisherfx._factor.LowRank`, where they
+            are at most half its inputs and the inputs are 256 or more; else dense), ``"dense"`` (always the
+            ``i × i`` matrix) or ``"lowrank"`` (always its rows). Every operation gives the same result to
+            rounding either way; an Embedding's ``A`` is diagonal in every form.
 
     Returns:
         :class:`KFAC`.
@@ -203,10 +223,10 @@ def kfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str =
 
     """
     where = "kfac"
-    _check_options(where, kind, mode, n_samples, normalize, dtype, engine)
+    _check_options(where, kind, mode, n_samples, normalize, dtype, engine, a_form)
     params = fisher.check_params(where, problem, params)
     b = fisher.prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
-    requests, joins, by_choice = _requests(problem.model, list(params), mode)
+    requests, joins, by_choice = _requests(problem.model, list(params), mode, a_form)
     result = taps.estimate(problem, params, b.prepared, requests, kind=kind, per="sample", noise=b.noise, dtype=dtype,
                            chunk_size=chunk_size, where=where, split_positions=kind == "exact")
     sums = dict(result.sums)
@@ -220,6 +240,8 @@ def kfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str =
             raise FisherError(f"{where}: engine='taps' has no Kronecker factors (or tap-engine diagonal) for "
                               + "; ".join(f"{n!r}: {why}" for n, why in strict.items())
                               + ". Use engine='auto' to give these their diagonal")
+    for bias in joins.keys() - joined.keys():  # served, but its weight is not: its diagonal, from the generic engine
+        sums.pop(bias, None)
     rest = [n for n in params if n not in sums]
     if rest:
         sums.update(fisher._engines(where, problem, params, b, lambda n: taps.Request(), _squares(dtype), kind=kind,
@@ -241,7 +263,7 @@ def kfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str =
             if bias_of[name] in joined:
                 names = (name, bias_of[name])
             else:  # the bias could not be served: the weight alone (drop the ones entry)
-                a = a[:-1, :-1]
+                a = LowRank(a.U[:, :-1].contiguous(), a.weights, a.shift) if isinstance(a, LowRank) else a[:-1, :-1]
         # the engine's A is a mean already; its G a fresh sum, normalised in place
         layers_[name] = Factors(names, a, s.G.div_(z), requests[name].factors.transposed, rows)
     fac = KFAC(layers_, diagonal, b.count, {n: params[n].shape for n in params}, mode, kind,
@@ -253,13 +275,17 @@ def kfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str =
 
 def _check_finite(where: str, fac: KFAC) -> None:
     """Raise for a non-finite factor or diagonal. A second moment's diagonal holds every non-finite entry's
-    row (``|M_ij| ≤ (M_ii M_jj)^{1/2}``), so the diagonals are checked (not a pass over a large ``A``).
+    row (``|M_ij| ≤ (M_ii M_jj)^{1/2}``), so the diagonals are checked (not a pass over a large ``A``); a
+    low-rank ``A`` by its rows.
     """
-    diagonals = {key: torch.cat([t if t.ndim == 1 else t.diagonal() for t in (layer.A, layer.G)])
-                 for key, layer in fac.layers.items()}
-    bad = non_finite(diagonals)
+    probes = {}
+    for key, layer in fac.layers.items():
+        a = layer.A
+        probes[key] = (a.U, layer.G.diagonal()) if isinstance(a, LowRank) else (_factor.diagonal(a), layer.G.diagonal())
+    bad = non_finite({f"{key}\0{side}": t for key, pair in probes.items() for side, t in enumerate(pair)})
     if bad is not None:
-        raise FisherError(f"{where}: non-finite Kronecker factors for layer {bad!r} (inf or NaN in the model)")
+        raise FisherError(f"{where}: non-finite Kronecker factors for layer {bad.split(chr(0))[0]!r} (inf or NaN in "
+                          "the model)")
     bad = non_finite(fac.diagonal)
     if bad is not None:
         raise FisherError(f"{where}: non-finite diagonal for parameter {bad!r} (inf or NaN in the model)")
@@ -291,27 +317,21 @@ def _split(layer: Factors, m: Tensor, shapes: Mapping[str, torch.Size]) -> Vecto
     return {weight: m[..., :, :-1].reshape(*lead, *shapes[weight]), bias: m[..., :, -1]}
 
 
-def _sides(layer: Factors) -> tuple[Tensor, Tensor]:
-    """``(left, right)``: the factors acting on rows and on columns of the layout."""
-    return (layer.A, layer.G) if layer.transposed else (layer.G, layer.A)
-
-
-def _sandwich(left: Tensor, m: Tensor, right: Tensor) -> Tensor:
-    """``left M right`` for factors that are matrices or diagonals (1-D)."""
-    m = left[:, None] * m if left.ndim == 1 else left @ m
-    return m * right if right.ndim == 1 else m @ right
+def _canon(layer: Factors, m: Tensor) -> Tensor:
+    """The layout ``[..., rows, cols]`` turned so that ``G`` acts on the rows and ``A`` on the columns (a transposed
+    layout's transpose, a view); its own inverse.
+    """
+    return m.mT if layer.transposed else m
 
 
 def _eig_of(layer: Factors) -> Eigenbasis:
     """Eigendecompositions in the factors' own dtype (float32 factors: a float32 ``eigh``, several times faster
-    than float64 on large ``A``; the damping of every solve dominates its rounding).
+    than float64 on large ``A``; the damping of every solve dominates its rounding). A low-rank ``A`` gets its
+    thin basis (:func:`~fisherfx._factor.eig`).
     """
-    if layer.A.ndim == 1:
-        a_values, a_vectors = layer.A, None
-    else:
-        a_values, a_vectors = torch.linalg.eigh(layer.A)
+    a = _factor.eig(layer.A)
     g_values, g_vectors = torch.linalg.eigh(layer.G)
-    return Eigenbasis(a_values, a_vectors, g_values, g_vectors)
+    return Eigenbasis(a.values, a.vectors, g_values, g_vectors, a_rest=a.rest)
 
 
 def _bases(layer: Factors, e: Eigenbasis) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
@@ -321,22 +341,32 @@ def _bases(layer: Factors, e: Eigenbasis) -> tuple[Tensor | None, Tensor | None,
     return e.g_vectors, e.a_vectors, e.g_values, e.a_values
 
 
-def _to_basis(m: Tensor, ql: Tensor | None, qr: Tensor | None) -> Tensor:
-    m = m if ql is None else ql.T @ m
-    return m if qr is None else m @ qr
-
-
-def _from_basis(m: Tensor, ql: Tensor | None, qr: Tensor | None) -> Tensor:
-    m = m if ql is None else ql @ m
-    return m if qr is None else m @ qr.T
-
-
-def _eigenvalues(layer: Factors, e: Eigenbasis) -> Tensor:
-    """The block's eigenvalues ``[rows, cols]`` (EKFAC's, or products of the factors')."""
+def _block_values(layer: Factors, e: Eigenbasis) -> tuple[Tensor, Tensor | None]:
+    """The block's eigenvalues, turned (:func:`_canon`): ``[o, k]`` on ``Q_G ⊗ Q_A`` (EKFAC's, or products of the
+    factors'), and ``[o]`` on ``Q_G ⊗`` the complement of a thin ``Q_A`` (``None``: the basis is complete).
+    """
     if e.scale is not None:
-        return e.scale
-    _, _, ll, lr = _bases(layer, e)
-    return ll[:, None] * lr[None, :]
+        return _canon(layer, e.scale), e.scale_rest
+    rest = None if e.a_rest is None else e.g_values * e.a_rest
+    return e.g_values[:, None] * e.a_values[None, :], rest
+
+
+def _spectral(e: Eigenbasis, m: Tensor, thin: Tensor, rest: Tensor | None) -> Tensor:
+    """``Q_G [thin ⊙ (Q_Gᵀ M Q_A)] Q_Aᵀ`` plus, for a thin ``Q_A``, ``Q_G [rest ⊙ (Q_Gᵀ M (I − Q_A Q_Aᵀ))]``, on a
+    turned layout ``M`` ``[..., o, i]``: a function of the block applied through its eigenbasis.
+    """
+    t = e.g_vectors.T @ m
+    q = e.a_vectors
+    if q is None:
+        out = thin * t
+    else:
+        c = t @ q
+        if rest is None:
+            out = (thin * c) @ q.T
+        else:
+            r = rest[:, None]
+            out = r * t + (thin * c - r * c) @ q.T
+    return e.g_vectors @ out
 
 
 def _eigs(fac: KFAC) -> dict[str, Eigenbasis]:
@@ -363,8 +393,8 @@ def _vector(where: str, fac: KFAC, v: Mapping[str, Tensor]) -> Vector:
 def kfac_vp(fac: KFAC, v: Mapping[str, Tensor]) -> Vector:
     """``F̂ v``: the K-FAC (or EKFAC) approximation times ``v``.
 
-    Per layer ``G V A`` (``A V G`` transposed), with an eigenbasis that carries EKFAC's eigenvalues
-    ``Q (s ⊙ Qᵀ V)``; ``d ⊙ v`` for the diagonal parameters.
+    Per layer ``G V A`` (``A V G`` transposed; a low-rank ``A = c I + Uᵀ diag(w) U`` as ``c G V + ((G V Uᵀ) ⊙ w) U``),
+    with an eigenbasis that carries EKFAC's eigenvalues ``Q (s ⊙ Qᵀ V)``; ``d ⊙ v`` for the diagonal parameters.
 
     Args:
         fac: from :func:`kfac` (or :func:`ekfac`).
@@ -382,15 +412,13 @@ def kfac_vp(fac: KFAC, v: Mapping[str, Tensor]) -> Vector:
     v = _vector(where, fac, v)
     out: Vector = {}
     for key, layer in fac.layers.items():
-        m = _join(layer, v, fac.shapes).to(layer.G.dtype)
+        m = _canon(layer, _join(layer, v, fac.shapes).to(layer.G.dtype))
         e = None if fac.eig is None else fac.eig[key]
         if e is not None and e.scale is not None:
-            ql, qr, _, _ = _bases(layer, e)
-            m = _from_basis(e.scale * _to_basis(m, ql, qr), ql, qr)
+            m = _spectral(e, m, *_block_values(layer, e))
         else:
-            left, right = _sides(layer)
-            m = _sandwich(left, m, right)
-        out.update(_split(layer, m, fac.shapes))
+            m = _factor.right(layer.G @ m, layer.A)
+        out.update(_split(layer, _canon(layer, m), fac.shapes))
     for name, d in fac.diagonal.items():
         out[name] = d * v[name].to(d.dtype)
     return {name: out[name].to(v[name].dtype) for name in fac.shapes}
@@ -398,7 +426,7 @@ def kfac_vp(fac: KFAC, v: Mapping[str, Tensor]) -> Vector:
 
 def _pi(layer: Factors) -> float:
     """Martens & Grosse (2015, §6.3): ``π = sqrt((tr A / dim A) / (tr G / dim G))``."""
-    tr_a = float(layer.A.sum() if layer.A.ndim == 1 else layer.A.diagonal().sum()) / layer.A.shape[0]
+    tr_a = _factor.trace(layer.A) / _factor.size(layer.A)
     tr_g = float(layer.G.diagonal().sum()) / layer.G.shape[0]
     return math.sqrt(tr_a / tr_g) if tr_a > 0 and tr_g > 0 else 1.0
 
@@ -408,7 +436,8 @@ def kfac_solve(fac: KFAC, v: Mapping[str, Tensor], damping: float, damping_kind:
 
     ``damping_kind="tikhonov"``: exactly ``(G ⊗ A + λI)⁻¹`` (EKFAC: ``Q (s + λ)⁻¹ Qᵀ``);
     ``"pi"``: ``(G + λ^{1/2}/π I)⁻¹ ⊗ (A + π λ^{1/2} I)⁻¹`` with ``π`` of :func:`_pi` (Martens & Grosse 2015),
-    Kronecker factors only. Diagonal parameters: ``v / (d + λ)``.
+    Kronecker factors only. Diagonal parameters: ``v / (d + λ)``. A low-rank ``A`` enters through its thin
+    eigenbasis, its complement (eigenvalue 0) implicitly.
 
     Raises:
         FisherError: ``v`` not shaped like the factors' parameters, ``damping ≤ 0``, an unknown
@@ -425,29 +454,22 @@ def kfac_solve(fac: KFAC, v: Mapping[str, Tensor], damping: float, damping_kind:
     out: Vector = {}
     for key, layer in fac.layers.items():
         e = eigs[key]
-        ql, qr, ll, lr = _bases(layer, e)
-        m = _to_basis(_join(layer, v, fac.shapes).to(layer.G.dtype), ql, qr)
+        m = _canon(layer, _join(layer, v, fac.shapes).to(layer.G.dtype))
         if damping_kind == "pi":
             if e.scale is not None:
                 raise FisherError(f"{where}: damping_kind='pi' damps Kronecker factors; layer {key!r} has EKFAC "
                                   "eigenvalues: use damping_kind='tikhonov'")
             pi, root = _pi(layer), math.sqrt(lam)
-            shift_a, shift_g = pi * root, root / pi
-            sl, sr = (shift_a, shift_g) if layer.transposed else (shift_g, shift_a)
-            denom = (ll + sl)[:, None] * (lr + sr)[None, :]
+            g = e.g_values + root / pi
+            thin = 1.0 / (g[:, None] * (e.a_values + pi * root)[None, :])
+            rest = None if e.a_rest is None else 1.0 / (g * (e.a_rest + pi * root))
         else:
-            denom = _eigenvalues(layer, e) + lam
-        out.update(_split(layer, _from_basis(m / denom, ql, qr), fac.shapes))
+            values, rest = _block_values(layer, e)
+            thin, rest = 1.0 / (values + lam), None if rest is None else 1.0 / (rest + lam)
+        out.update(_split(layer, _canon(layer, _spectral(e, m, thin, rest)), fac.shapes))
     for name, d in fac.diagonal.items():
         out[name] = v[name].to(d.dtype) / (d + lam)
     return {name: out[name].to(v[name].dtype) for name in fac.shapes}
-
-
-def _damped_inverse(m: Tensor, shift: float, e: tuple[Tensor, Tensor | None]) -> Tensor:
-    """``(M + shift I)⁻¹`` from the eigendecomposition ``e = (values, vectors)`` (``vectors=None``: ``M`` diagonal)."""
-    values, vectors = e
-    inverse = 1.0 / (values + shift)
-    return inverse if vectors is None else (vectors * inverse) @ vectors.T
 
 
 def kfac_inverse(fac: KFAC, damping: float) -> KFAC:
@@ -455,7 +477,9 @@ def kfac_inverse(fac: KFAC, damping: float) -> KFAC:
 
     Its :func:`kfac_vp` is :func:`kfac_solve` with ``damping_kind="pi"`` at half the cost (two products per
     layer instead of four): the form to keep when one inverse serves many solves (the optimiser). The
-    diagonal parameters get ``1 / (d + λ)``. Uses ``fac.eig`` when present (plain K-FAC factors only).
+    diagonal parameters get ``1 / (d + λ)``. Uses ``fac.eig`` when present (plain K-FAC factors only); without
+    it, each dense factor is inverted by a Cholesky factorisation (no eigendecomposition), and a low-rank ``A``
+    gives a low-rank inverse ``t I + Q diag(1/(λ + s) − t) Qᵀ`` from its thin basis (``t = 1/s``).
 
     Raises:
         FisherError: ``damping ≤ 0``, or a ``fac`` with EKFAC eigenvalues (not a Kronecker product).
@@ -464,17 +488,18 @@ def kfac_inverse(fac: KFAC, damping: float) -> KFAC:
     where = "kfac_inverse"
     fac = _check_fac(where, fac)
     lam = finite_number(where, "damping", damping, strict=True)
-    eigs = _eigs(fac)
     root = math.sqrt(lam)
     layers_ = {}
     for key, layer in fac.layers.items():
-        e = eigs[key]
-        if e.scale is not None:
+        e = None if fac.eig is None else fac.eig[key]
+        if e is not None and e.scale is not None:
             raise FisherError(f"{where}: layer {key!r} has EKFAC eigenvalues, which are not a Kronecker product; "
                               "use kfac_solve")
         pi = _pi(layer)
-        layers_[key] = layer._replace(A=_damped_inverse(layer.A, pi * root, (e.a_values, e.a_vectors)),
-                                      G=_damped_inverse(layer.G, root / pi, (e.g_values, e.g_vectors)))
+        a_eig = None if e is None else _factor.Eig(e.a_values, e.a_vectors, e.a_rest)
+        g_eig = None if e is None else _factor.Eig(e.g_values, e.g_vectors)
+        layers_[key] = layer._replace(A=_factor.damped_inverse(layer.A, pi * root, a_eig),
+                                      G=_factor.damped_inverse(layer.G, root / pi, g_eig))
     diagonal = {name: 1.0 / (d + lam) for name, d in fac.diagonal.items()}
     return fac._replace(layers=layers_, diagonal=diagonal, eig=None)
 
@@ -482,7 +507,8 @@ def kfac_inverse(fac: KFAC, damping: float) -> KFAC:
 def kfac_eig(fac: KFAC) -> KFAC:
     """``fac`` with the eigendecompositions of its factors in ``eig`` (a new value; ``fac`` unchanged).
 
-    :func:`kfac_solve`, :func:`kfac_logdet` and :func:`kfac_eigenvalues` then reuse them.
+    :func:`kfac_solve`, :func:`kfac_logdet` and :func:`kfac_eigenvalues` then reuse them. A low-rank ``A`` gets
+    a thin basis ``[i, k]`` and the eigenvalue of its complement (:class:`Eigenbasis`).
     """
     fac = _check_fac("kfac_eig", fac)
     return fac._replace(eig={key: _eig_of(layer) for key, layer in fac.layers.items()})
@@ -505,13 +531,16 @@ def kfac_diag(fac: KFAC) -> Vector:
     for key, layer in fac.layers.items():
         e = None if fac.eig is None else fac.eig[key]
         if e is not None and e.scale is not None:
-            ql, qr, _, _ = _bases(layer, e)
-            m = e.scale if ql is None else (ql * ql) @ e.scale
-            m = m if qr is None else m @ (qr * qr).T
+            values, rest = _block_values(layer, e)
+            q = e.a_vectors
+            if q is not None:
+                squares = q * q
+                inner = values @ squares.T
+                values = inner if rest is None else inner + rest[:, None] * (1.0 - squares.sum(1))[None, :]
+            m = (e.g_vectors * e.g_vectors) @ values
         else:
-            left, right = (f if f.ndim == 1 else f.diagonal() for f in _sides(layer))
-            m = left[:, None] * right[None, :]
-        out.update(_split(layer, m, fac.shapes))
+            m = layer.G.diagonal()[:, None] * _factor.diagonal(layer.A)[None, :]
+        out.update(_split(layer, _canon(layer, m), fac.shapes))
     out.update(fac.diagonal)
     return {name: out[name] for name in fac.shapes}
 
@@ -534,7 +563,12 @@ def kfac_logdet(fac: KFAC, damping: float = 0.0) -> Tensor:
 
 def _all_eigenvalues(fac: KFAC) -> Tensor:
     eigs = _eigs(fac)
-    parts = [_eigenvalues(layer, eigs[key]).reshape(-1) for key, layer in fac.layers.items()]
+    parts = []
+    for key, layer in fac.layers.items():
+        values, rest = _block_values(layer, eigs[key])
+        parts.append(values.reshape(-1))
+        if rest is not None:  # each once per dimension of the complement
+            parts.append(rest.repeat_interleave(_factor.size(layer.A) - values.shape[1]))
     parts += [d.reshape(-1) for d in fac.diagonal.values()]
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
     return torch.cat([p.to(dtype) for p in parts])
@@ -557,7 +591,8 @@ def kfac_eigenvalues(fac: KFAC, k: int | None = None) -> Tensor:
 
 def ekfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, factors: KFAC | None = None,
           kind: str = "empirical", mode: Mode = "expand", n_samples: int = 1, generator: torch.Generator | None = None,
-          normalize: str = "samples", dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> KFAC:
+          normalize: str = "samples", dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
+          a_form: AForm = "auto") -> KFAC:
     """EKFAC (George et al. 2018): the K-FAC eigenbasis with the eigenvalues re-estimated on ``batch``.
 
     .. math::
@@ -567,20 +602,28 @@ def ekfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, factors: K
     gradients for the empirical Fisher): the exact diagonal of the Fisher in that eigenbasis. The
     diagonal parameters keep their diagonal.
 
+    A low-rank ``A`` has a thin basis ``Q_A`` ``[i, k]``: ``s`` is re-estimated on it, and the complement of
+    ``Q_A`` gets one eigenvalue per row of ``Q_G``, the mean of the diagonal over the complement
+    (``scale_rest``; any basis of it gives that mean, its trace being basis-free). Where every gradient lies in
+    the span of ``A``'s rows (``mode="expand"`` on factors of this batch, every position with a gradient
+    counted) the complement's share is zero and this is the dense basis' EKFAC exactly; otherwise (``reduce``
+    over several positions, positions masked from ``A`` that still carry a gradient, factors of another batch)
+    the dense basis' EKFAC depends on an arbitrary basis of ``A``'s null space, which the mean replaces.
+
     Args:
         problem, params, batch: as :func:`kfac`.
         factors: the K-FAC whose eigenbasis to use (default: :func:`kfac` of this batch with the same options).
-        kind, mode, n_samples, generator, normalize, dtype, chunk_size: as :func:`kfac`.
+        kind, mode, n_samples, generator, normalize, dtype, chunk_size, a_form: as :func:`kfac`.
 
     Returns:
         :class:`KFAC` with ``eig`` holding each layer's basis and ``scale``.
 
     """
     where = "ekfac"
-    _check_options(where, kind, mode, n_samples, normalize, dtype, "auto")
+    _check_options(where, kind, mode, n_samples, normalize, dtype, "auto", a_form)
     if factors is None:
         factors = kfac(problem, params, batch, kind, mode, n_samples, generator, normalize, dtype,
-                       chunk_size=chunk_size)
+                       chunk_size=chunk_size, a_form=a_form)
     fac = kfac_eig(_check_fac(where, factors))
     params = fisher.check_params(where, problem, params)
     if set(fac.shapes) - set(params):
@@ -599,11 +642,18 @@ def ekfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, factors: K
     eig = dict(fac.eig)
     for key, layer in fac.layers.items():
         s = result.sums.get(key)
-        rows, cols = _eigenvalues(layer, eig[key]).shape
-        if s is not None:  # else (the taps cannot serve it on this batch) the products of factor eigenvalues
-            s = s if s.numel() == rows * cols else torch.zeros(())  # a zero sum (no unit reached it)
-            eig[key] = eig[key]._replace(scale=(s.reshape(-1) / z).reshape(rows, cols) if s.ndim else
-                                         torch.zeros((rows, cols), dtype=layer.G.dtype))
+        if s is None:  # the taps cannot serve it on this batch: the products of factor eigenvalues
+            continue
+        e = eig[key]
+        o, k = e.g_values.shape[0], e.a_values.shape[0]
+        rest = _factor.size(layer.A) - k if e.a_rest is not None else 0  # a thin basis: the complement's columns
+        width = k + (_factor.size(layer.A) if rest else 0)
+        if s.numel() == o * width:
+            s = _canon(layer, (s.reshape(-1) / z).reshape((width, o) if layer.transposed else (o, width)))
+        else:  # a zero sum (no unit reached it)
+            s = torch.zeros((o, width), dtype=layer.G.dtype, device=layer.G.device)
+        eig[key] = e._replace(scale=_canon(layer, s[:, :k]).contiguous(),
+                              scale_rest=s[:, k:].sum(1) / rest if rest else None)
     made = provenance("ekfac", kind=kind, per="sample", normalize=normalize, n_samples=n_samples, dtype=dtype)
     return fac._replace(eig=eig, provenance=made)
 
@@ -613,9 +663,12 @@ def ekfac(problem: Problem, params: Mapping[str, Tensor], batch: Any, factors: K
 class KFACEMAState(NamedTuple):
     """Exponential moving averages of K-FAC factors (``A`` and ``G`` of each layer, the diagonals), each an
     :class:`~fisherfx.EMAState` of the core; the layers' structure to rebuild a :class:`KFAC`.
+
+    An average of low-rank ``A`` stays low-rank (its rows: those of every update, weighted) while the rank rule
+    of :mod:`fisherfx._factor` pays (``2 r ≤ i``), and is dense from the update that passes it on.
     """
 
-    A: EMAState  # {layer: A}
+    A: EMAState  # {layer: A}, each A dense, diagonal or LowRank
     G: EMAState  # {layer: G}
     diagonal: EMAState  # {name: d}
     names: dict[str, tuple[str, ...]]
@@ -646,7 +699,7 @@ def _structure(layers_: Mapping[str, tuple], shapes: Mapping[str, torch.Size], d
 
 
 def _structure_of(fac: KFAC) -> tuple:
-    return _structure({k: (f.names, f.transposed, tuple(f.A.shape), tuple(f.G.shape)) for k, f in fac.layers.items()},
+    return _structure({k: (f.names, f.transposed, _factor.shape(f.A), tuple(f.G.shape)) for k, f in fac.layers.items()},
                       fac.shapes, fac.diagonal, fac.mode, fac.kind)
 
 
@@ -668,7 +721,7 @@ def _check_same(where: str, have: tuple, fac: KFAC, what: str = "the state's") -
 
 
 def _state_structure(state: "KFACEMAState") -> tuple:
-    return _structure({k: (names, state.transposed[k], tuple(state.A.mean[k].shape), tuple(state.G.mean[k].shape))
+    return _structure({k: (names, state.transposed[k], _factor.shape(state.A.mean[k]), tuple(state.G.mean[k].shape))
                        for k, names in state.names.items()}, state.shapes, state.diagonal.mean, state.mode, state.kind)
 
 
@@ -677,8 +730,9 @@ def kfac_ema_init(fac: KFAC, decay: float = 0.95) -> KFACEMAState:
     :func:`~fisherfx.ema_init`.
     """
     fac = _check_fac("kfac_ema_init", fac)
-    return KFACEMAState(ema_init({k: layer.A for k, layer in fac.layers.items()}, decay),
-                        ema_init({k: layer.G for k, layer in fac.layers.items()}, decay),
+    g = ema_init({k: layer.G for k, layer in fac.layers.items()}, decay)
+    a = EMAState({k: _factor.zeros_like(layer.A) for k, layer in fac.layers.items()}, g.step.clone(), g.decay)
+    return KFACEMAState(a, g,
                         ema_init(dict(fac.diagonal), decay),
                         {k: layer.names for k, layer in fac.layers.items()},
                         {k: layer.transposed for k, layer in fac.layers.items()}, dict(fac.shapes), fac.mode, fac.kind,
@@ -699,7 +753,9 @@ def kfac_ema_update(state: KFACEMAState, fac: KFAC) -> KFACEMAState:
         raise FisherError(f"{where}: expected a KFACEMAState (from kfac_ema_init), got {type(state).__name__}")
     made = _check_provenance(where, state.provenance, fac, ("the state", "the factors"))
     _check_same(where, _state_structure(state), fac)
-    return state._replace(A=ema_update(state.A, {k: layer.A for k, layer in fac.layers.items()}),
+    beta = state.A.decay
+    a = {k: _factor.weighted_sum([(m, beta), (fac.layers[k].A, 1.0 - beta)]) for k, m in state.A.mean.items()}
+    return state._replace(A=EMAState(a, state.A.step + 1, beta, state.A.provenance),
                           G=ema_update(state.G, {k: layer.G for k, layer in fac.layers.items()}),
                           diagonal=ema_update(state.diagonal, dict(fac.diagonal)), provenance=made)
 
@@ -714,7 +770,9 @@ def kfac_ema_value(state: KFACEMAState, bias_corrected: bool = True) -> KFAC:
     """
     if not isinstance(state, KFACEMAState):
         raise FisherError(f"kfac_ema_value: expected a KFACEMAState, got {type(state).__name__}")
-    a, g = ema_value(state.A, bias_corrected), ema_value(state.G, bias_corrected)
+    g = ema_value(state.G, bias_corrected)  # raises before any update
+    correction = 1.0 - float(state.A.decay) ** int(state.A.step) if bias_corrected else 1.0
+    a = {k: _factor.divided(m, correction) for k, m in state.A.mean.items()}
     diagonal = ema_value(state.diagonal, bias_corrected) if state.diagonal.mean else {}
     one = torch.ones((), dtype=torch.int64)
     layers_ = {k: Factors(names, a[k], g[k], state.transposed[k], one) for k, names in state.names.items()}
@@ -747,7 +805,12 @@ def kfac_combine(facs: Sequence[KFAC]) -> KFAC:
     for key, layer in first.layers.items():
         parts = [f.layers[key] for f in facs]
         rows = sum(p.a_count for p in parts)
-        a = combine([Estimate({key: p.A}, p.a_count) for p in parts]).value[key] if int(rows) else layer.A
+        if not int(rows):
+            a = layer.A
+        elif any(isinstance(p.A, LowRank) for p in parts):  # rows concatenated while the rank rule pays
+            a = _factor.weighted_sum([(p.A, float(p.a_count) / float(rows)) for p in parts])
+        else:
+            a = combine([Estimate({key: p.A}, p.a_count) for p in parts]).value[key]
         g = combine([Estimate({key: p.G}, f.count) for p, f in zip(parts, facs, strict=True)]).value[key]
         layers_[key] = layer._replace(A=a, G=g, a_count=rows)
     diagonal = combine([Estimate(dict(f.diagonal), f.count) for f in facs]).value if first.diagonal else {}

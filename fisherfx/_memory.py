@@ -14,7 +14,8 @@ stores:
   for an Embedding's diagonal ``A``; ``i`` counts the bias's column of ones) plus ``G`` (``o²``), and the
   diagonal (``numel``) of every parameter no layer covers (norms, tied weights of different kinds,
   modules the taps do not know). The layers are chosen by the same rule as ``kfac`` itself.
-  Scalars (counts) are not counted.
+  Scalars (counts) are not counted. ``A`` is counted dense: an upper bound where ``kfac`` keeps it as its
+  ``r ≤ i/2`` rows (``r (i + 1)`` entries; ``r`` depends on the batch, which this count does not see).
 
 The module is named ``_memory`` so that the function does not shadow it in ``fisherfx``.
 """

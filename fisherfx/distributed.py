@@ -15,6 +15,12 @@ are dropped, an EKFAC's eigenvalues with them). A rank without data passes facto
 with zero counts (``count`` and every layer's ``a_count`` 0): they add nothing. Besides names and shapes,
 the ranks' layers, parameter shapes, mode and kind must agree.
 
+A low-rank ``A`` (its rows, :class:`~fisherfx._factor.LowRank`; ranks may hold different numbers of rows) is
+gathered rather than summed when every rank holds it low-rank and the rows of the ranks with data pay by the
+rank rule of :mod:`fisherfx._factor` (``2 Σ r ≤ i``): each rank sends its ``r × i`` rows (padded to the
+largest ``r``), and every rank gets the rows of all, weighted by ``a_count`` as :func:`~fisherfx.kfac_combine`
+weighs them. Otherwise each rank densifies its ``A`` and the ``i × i`` sums are reduced as above.
+
 An :class:`~fisherfx.EMAState` is refused: an EMA has no counts, and the mean of the ranks' EMAs is
 the EMA of the ranks' mean estimates only when every rank has the same count at every step. Reduce
 the estimate, then update: ``state = ema_update(state, all_reduce(estimate))``, the same on every rank.
@@ -32,7 +38,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import _factor
 from ._errors import FisherError
+from ._factor import LowRank
 from .state import NO_PROVENANCE, EMAState, Estimate, Provenance, SumState, merge_provenance
 
 BUCKET_BYTES = 64 << 20  # tensors are reduced in flat buffers of about this size (fewer, larger messages)
@@ -45,6 +53,7 @@ class _Held(NamedTuple):
     tensors: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype)
     provenance: Provenance
     structure: Any = None  # K-FAC: layers' parameter names and orientation, parameter shapes, mode, kind
+    rows: Any = None  # K-FAC: {layer: (rows of a low-rank A or None, a_count)}, which may differ between ranks
 
 
 def _dist():
@@ -96,8 +105,10 @@ def _acc(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _agree(dist: Any, group: Any, held: _Held) -> Provenance:
-    """Every rank's ``_Held``; a FisherError on every rank if they differ, else the merged provenance."""
+def _agree(dist: Any, group: Any, held: _Held) -> tuple[Provenance, list[_Held]]:
+    """Every rank's ``_Held``; a FisherError on every rank if they differ, else the merged provenance (and what
+    every rank holds).
+    """
     world = dist.get_world_size(group)
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, held, group=group)
@@ -123,7 +134,7 @@ def _agree(dist: Any, group: Any, held: _Held) -> Provenance:
             field = next(f for f in a if a[f] != b[f])
             raise FisherError(f"all_reduce: rank 0 and rank {rank} hold factors of different {field}: "
                               f"{a[field]!r} on rank 0, {b[field]!r} on rank {rank}")
-    return prov
+    return prov, everyone
 
 
 KFAC_TYPE = "fisherfx._kfac.KFAC"  # named, not imported: this module imports no engine
@@ -134,29 +145,59 @@ def _is_kfac(obj: Any) -> bool:
     return f"{kind.__module__}.{kind.__qualname__}" == KFAC_TYPE
 
 
+def _gather_rows(dist: Any, group: Any, a: LowRank, weight: float, rows: list[int], device: torch.device,
+                 everyone: list[int]) -> tuple[Tensor, Tensor]:
+    """Every rank's rows ``U`` and weights ``w · a_count`` (padded to the largest ``r`` for ``all_gather``), of
+    the ranks in ``everyone`` (those with data), concatenated in rank order (no rows, and no message, if none).
+    """
+    if not everyone or max(rows) == 0:  # the same on every rank
+        return a.U[:0].clone(), a.weights[:0].clone()
+    top = max(rows)
+    u = torch.zeros((top, a.U.shape[1]), dtype=a.U.dtype, device=device)
+    w = torch.zeros((top,), dtype=a.weights.dtype, device=device)
+    u[: a.U.shape[0]], w[: a.U.shape[0]] = a.U.to(device), a.weights.to(device) * weight
+    us, ws = [torch.empty_like(u) for _ in rows], [torch.empty_like(w) for _ in rows]
+    dist.all_gather(us, u, group=group)
+    dist.all_gather(ws, w, group=group)
+    return (torch.cat([us[j][: rows[j]] for j in everyone]).to(a.U.device),
+            torch.cat([ws[j][: rows[j]] for j in everyone]).to(a.U.device))
+
+
 def _all_reduce_kfac(dist: Any, group: Any, fac: Any) -> Any:
-    """:func:`~fisherfx.kfac_combine` of every rank's factors: ``Σ A·a_count / Σ a_count`` per layer,
-    ``Σ G·Z / Σ Z`` and ``Σ d·Z / Σ Z``, with ``Z`` the count.
+    """:func:`~fisherfx.kfac_combine` of every rank's factors: ``Σ A·a_count / Σ a_count`` per layer (a low-rank
+    ``A``'s rows gathered where they pay), ``Σ G·Z / Σ Z`` and ``Σ d·Z / Σ Z``, with ``Z`` the count.
     """
     layers, diagonal = fac.layers, fac.diagonal
     keys = list(layers)
     made = fac.provenance or NO_PROVENANCE
     made = made._replace(quantity="kfac") if made.quantity == "ekfac" else made  # the eigenvalues are dropped
-    tensors = [(f"{k}|{side}", getattr(layers[k], side)) for k in keys for side in ("A", "G")]
-    tensors += [(f"{n}|diag", d) for n, d in diagonal.items()]
+    meta = [(f"{k}|A", _factor.shape(layers[k].A), str(_factor.dtype(layers[k].A))) for k in keys]
+    meta += [(f"{k}|G", tuple(layers[k].G.shape), str(layers[k].G.dtype)) for k in keys]
+    meta += [(f"{n}|diag", tuple(d.shape), str(d.dtype)) for n, d in diagonal.items()]
     structure = {"layers": {k: (tuple(layers[k].names), bool(layers[k].transposed)) for k in keys},
                  "parameters": {n: tuple(s) for n, s in fac.shapes.items()}, "mode": fac.mode, "kind": fac.kind}
-    held = _Held("KFAC", tuple((n, tuple(t.shape), str(t.dtype)) for n, t in tensors), made, structure)
-    prov = _agree(dist, group, held)
+    mine = {k: (layers[k].A.U.shape[0] if isinstance(layers[k].A, LowRank) else None, int(layers[k].a_count))
+            for k in keys}
+    prov, everyone = _agree(dist, group, _Held("KFAC", tuple(meta), made, structure, mine))
     count = fac.count.to(torch.int64).reshape(())
     rows = [layers[k].a_count.to(torch.int64).reshape(()) for k in keys]
+
+    def gathers(k: str) -> bool:  # every rank low-rank, and the rows of the ranks with data pay
+        held = [h.rows[k] for h in everyone]
+        return (all(r is not None for r, _ in held)
+                and _factor.pays(sum(r for r, c in held if c), _factor.size(layers[k].A)))
+
+    gathered = {k for k in keys if gathers(k)}
 
     def weighted(t: Tensor, z: Tensor) -> Tensor:  # the sum, accumulated as kfac_combine's combine
         return t.to(_acc(t)) * z.to(device=t.device, dtype=_acc(t))
 
     sums = []
     for k, r in zip(keys, rows, strict=True):
-        sums += [weighted(layers[k].A, r), weighted(layers[k].G, count)]
+        a = layers[k].A
+        if k in gathered:  # its shift (0 for factors of data) is summed, its rows gathered below
+            a = torch.tensor(a.shift, dtype=a.U.dtype, device=a.U.device)
+        sums += [weighted(_factor.dense(a) if isinstance(a, LowRank) else a, r), weighted(layers[k].G, count)]
     sums += [weighted(d, count) for d in diagonal.values()]
     device = _device(dist, group, sums[0] if sums else count)
     counts = torch.stack([*rows, count]).to(device)
@@ -172,8 +213,16 @@ def _all_reduce_kfac(dist: Any, group: Any, fac: Any) -> Any:
     out_layers = {}
     for i, k in enumerate(keys):
         layer = layers[k]
-        out_layers[k] = layer._replace(A=back(summed[2 * i], totals[i], layer.A),
-                                       G=back(summed[2 * i + 1], totals[-1], layer.G),
+        if k in gathered:
+            held = [h.rows[k] for h in everyone]
+            with_data = [j for j, (_, c) in enumerate(held) if c]
+            u, w = _gather_rows(dist, group, layer.A, float(layer.a_count), [r for r, _ in held], device, with_data)
+            z = float(totals[i]) or 1.0
+            a = LowRank(u, w / z, float(summed[2 * i]) / z)
+        else:
+            like = layer.A.U if isinstance(layer.A, LowRank) else layer.A
+            a = back(summed[2 * i], totals[i], like)
+        out_layers[k] = layer._replace(A=a, G=back(summed[2 * i + 1], totals[-1], layer.G),
                                        a_count=totals[i].to(layer.a_count.device).reshape(()))
     rest = summed[2 * len(keys):]
     out_diagonal = {n: back(s, totals[-1], d) for (n, d), s in zip(diagonal.items(), rest, strict=True)}
@@ -218,7 +267,7 @@ def all_reduce(estimate_or_state: "Estimate | SumState", group: Any = None) -> "
     names = list(values)
     held = _Held(type(obj).__name__, tuple((n, tuple(values[n].shape), str(values[n].dtype)) for n in names),
                  obj.provenance or NO_PROVENANCE)
-    prov = _agree(dist, group, held)
+    prov, _ = _agree(dist, group, held)
     count = obj.count.to(torch.int64)
     if isinstance(obj, Estimate):  # S = Z · value, accumulated as diag_fisher accumulates
         sums = [values[n].to(_acc(values[n])) * count.to(_acc(values[n])).to(values[n].device) for n in names]

@@ -21,6 +21,7 @@ from torch.func import vmap
 
 from ._errors import FisherError
 from ._options import choice
+from ._walk import ModelIndex, walk
 from .engines import generic, taps
 from .groups import Groups, check_groups, reduce_groups, some_names
 from .problems import Prepared, Problem
@@ -54,11 +55,12 @@ def check_options(where: str, kind: str, n_samples: int, per: str, normalize: st
 
 
 def check_params(where: str, problem: Problem, params: Mapping[str, Tensor], *, allow_empty: bool = False,
-                 buffers: bool = False) -> dict[str, Tensor]:
+                 buffers: bool = False, index: ModelIndex | None = None) -> dict[str, Tensor]:
     """Known names, matching shapes, floating dtypes; returns ``dict(params)``.
 
     ``allow_empty``: ``{}`` is accepted (every value then comes from the module); ``buffers``: the
-    model's buffers may be given too (a non-floating buffer keeps its dtype).
+    model's buffers may be given too (a non-floating buffer keeps its dtype). ``index``: the model's
+    :func:`~fisherfx._walk.walk`, when the caller has one.
     """
     if not isinstance(params, Mapping):
         raise FisherError(f"{where}: params must be a {'' if allow_empty else 'non-empty '}{{name: tensor}} dict, "
@@ -66,8 +68,9 @@ def check_params(where: str, problem: Problem, params: Mapping[str, Tensor], *, 
     if not params and not allow_empty:
         raise FisherError(f"{where}: params must be a non-empty {{name: tensor}} dict")
     model = problem.model
-    named = dict(model.named_parameters(remove_duplicate=False))
-    own = {**named, **dict(model.named_buffers(remove_duplicate=False))} if buffers else named
+    index = walk(model) if index is None else index
+    named = index.params
+    own = {**named, **index.buffers} if buffers else named
     for name, p in params.items():
         if name not in own:
             raise FisherError(f"{where}: unknown parameter {name!r}; the model's parameters are "
@@ -108,15 +111,15 @@ def draw_noise(problem: Problem, prepared: Prepared, n_samples: int, generator: 
 
 
 def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, kind: str,
-                  n_samples: int, generator: torch.Generator | None, normalize: str) -> Batch:
+                  n_samples: int, generator: torch.Generator | None, normalize: str,
+                  index: ModelIndex | None = None) -> Batch:
     """Split the batch, check it, draw the MC noise and count the normaliser.
 
     No forward runs here: the engines check the outputs against the targets on their own forward
-    (:func:`check_outputs`).
+    (:func:`check_outputs`). ``index``: the model's :func:`~fisherfx._walk.walk`, when the caller has one.
     """
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in problem.model.modules()):
-        name = next(k for k, m in problem.model.named_modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training)
+    name = (walk(problem.model) if index is None else index).training_batchnorm
+    if name is not None:
         raise FisherError(f"{where}: BatchNorm module {name!r} is in train mode, where it mixes samples and "
                           "updates its running statistics; call model.eval() before computing the Fisher")
     prepared = problem.prepare(batch)
@@ -126,7 +129,7 @@ def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], ba
         raise FisherError(f"{where}: the batch has no active position (all targets ignored or padded); "
                           "nothing to estimate")
     noise = draw_noise(problem, prepared, n_samples, generator) if kind == "mc" else None
-    return Batch(prepared, noise, torch.tensor(normalizer(active, normalize, n_active), dtype=torch.int64))
+    return Batch(prepared, noise, torch.scalar_tensor(normalizer(active, normalize, n_active), dtype=torch.int64))
 
 
 def normalizer(active: Tensor, normalize: str, n_active: int | None = None) -> int:
@@ -158,12 +161,13 @@ def output_width(where: str, problem: Problem, params: Mapping[str, Tensor], pre
 
 def _finish(where: str, sums: dict[str, Tensor], scale: float, count: Tensor, storage_dtype, device,
             made: Provenance) -> Estimate:
+    """The estimate from the engines' fresh sums (scaled in place: they are not used again)."""
     bad = non_finite(sums)  # one reduction for all
     if bad is not None:
         raise FisherError(f"{where}: non-finite gradients for parameter {bad!r} (inf or NaN in the loss or the "
                           "model)")
     factor = scale / float(count)
-    value = {name: s * factor for name, s in sums.items()}
+    value = sums if factor == 1.0 else {name: s.mul_(factor) for name, s in sums.items()}
     return _store(Estimate(value, count, made), storage_dtype, device)
 
 
@@ -192,7 +196,7 @@ def _fixing(problem: Problem, params: Mapping[str, Tensor], rest: Mapping[str, T
 
 def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, request: Any, reduce: Any, *,
              kind: str, per: str, engine: str, dtype: torch.dtype, chunk_size: int | None,
-             names: list[str] | None = None) -> dict[str, Tensor]:
+             names: list[str] | None = None, index: ModelIndex | None = None) -> dict[str, Tensor]:
     """Unnormalised sums: the tap engine where it serves (``auto``, ``taps``), the generic for the rest.
 
     The model is evaluated at ``params``; the sums are for ``names`` (default: all of ``params``).
@@ -204,7 +208,7 @@ def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, 
     width = None
     if engine != "generic":
         result = taps.estimate(problem, params, b.prepared, {k: request(k) for k in names}, kind=kind, per=per,
-                               noise=b.noise, dtype=dtype, chunk_size=chunk_size, where=where)
+                               noise=b.noise, dtype=dtype, chunk_size=chunk_size, where=where, index=index)
         if engine == "taps" and result.missing:
             raise FisherError(f"{where}: engine='taps' cannot serve "
                               + "; ".join(f"{k!r}: {why}" for k, why in result.missing.items())
@@ -236,10 +240,11 @@ def _estimate(where: str, problem: Problem, params: Mapping[str, Tensor], batch:
     per-sample reducer of the same quantity; ``quantity`` and ``groups`` go into the provenance.
     """
     check_options(where, kind, n_samples, per, normalize, engine, dtype, chunk_size)
-    params = check_params(where, problem, params)
-    b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize)
+    index = walk(problem.model)
+    params = check_params(where, problem, params, index=index)
+    b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize, index=index)
     sums = _engines(where, problem, params, b, request, make_reduce(dtype, params), kind=kind, per=per,
-                    engine=engine, dtype=dtype, chunk_size=chunk_size, names=names)
+                    engine=engine, dtype=dtype, chunk_size=chunk_size, names=names, index=index)
     made = provenance(quantity, kind=kind, per=per, normalize=normalize, n_samples=n_samples, dtype=dtype,
                       groups=groups, params=params)
     return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, storage_dtype, device, made)

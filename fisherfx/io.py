@@ -24,7 +24,10 @@ header's ``type``), the Python ``type``, ``encode(obj) -> (tensors by key, JSON-
 ``decode(tensors, fields) -> obj`` and ``differences(obj, params, partial) -> [messages]`` for
 ``load(params=...)``. K-FAC factors (``KFAC``, ``KFACEMAState``) are stored by codecs of their own under
 ``"<layer>|A"``, ``"<layer>|G"`` and ``"<name>|diag"`` (eigendecompositions, when present, under
-``"<layer>|eig.<field>"``). A new type adds its codec to :data:`CODECS`. This module imports no
+``"<layer>|eig.<field>"``); a low-rank ``A`` (:class:`~fisherfx._factor.LowRank`) under ``"<layer>|A.U"`` and
+``"<layer>|A.weights"``, its shift in the header. A file holding one has format version 2 (older fisherfx
+refuse it by its version, not by a missing key); every other file is still written as version 1, and files of
+either version load. A new type adds its codec to :data:`CODECS`. This module imports no
 engine, so a type defined beside one (``fisherfx._kfac.KFAC``) is named by its ``"module.QualName"`` string
 and its ``decode`` imports the module when called. Its keys should follow the ones above
 (``"<layer>|A"``, ``"<layer>|G"``, say).
@@ -44,12 +47,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import _factor
 from ._errors import FisherError
+from ._factor import LowRank
 from .groups import Group, as_group, check_groups, some_names
 from .state import NO_PROVENANCE, UNKNOWN, EMAState, Estimate, Provenance, SumState
 
 FORMAT = "fisherfx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this module reads and writes; a file is written with the oldest it needs
+LOW_RANK_VERSION = 2  # low-rank K-FAC factors (and thin eigenbases) first appear in version 2
+NEEDS = "needs format_version"  # a codec's field: the version its object needs (taken out of the header)
 State = Estimate | EMAState | SumState
 
 
@@ -135,7 +142,7 @@ CODECS: list[Codec] = [
 
 KFAC_TYPE = "fisherfx._kfac.KFAC"
 KFAC_EMA_TYPE = "fisherfx._kfac.KFACEMAState"
-EIG_FIELDS = ("a_values", "a_vectors", "g_values", "g_vectors", "scale")
+EIG_FIELDS = ("a_values", "a_vectors", "g_values", "g_vectors", "scale", "a_rest", "scale_rest")
 
 
 def _kfac_module() -> Any:
@@ -152,6 +159,24 @@ def _structure_fields(names: Mapping[str, tuple[str, ...]], transposed: Mapping[
             "diagonal": {n: f"{n}|diag" for n in diagonal}}
 
 
+def _put_a(tensors: dict[str, Tensor], fields: dict[str, Any], key: str, a: Any) -> None:
+    """Store layer ``key``'s ``A``: one tensor under ``"<key>|A"``, or a low-rank one's ``U`` and ``weights``."""
+    if isinstance(a, LowRank):
+        spec = {"U": f"{key}|A.U", "weights": f"{key}|A.weights", "shift": float(a.shift)}
+        tensors[spec["U"]], tensors[spec["weights"]] = a.U, a.weights
+        fields["layers"][key]["A"] = spec
+        fields[NEEDS] = LOW_RANK_VERSION
+    else:
+        tensors[fields["layers"][key]["A"]] = a
+
+
+def _get_a(tensors: dict[str, Tensor], spec: Any) -> Any:
+    """Inverse of :func:`_put_a`: a key (every file before version 2) or a low-rank spec."""
+    if isinstance(spec, str):
+        return tensors[spec]
+    return LowRank(tensors[spec["U"]], tensors[spec["weights"]], float(spec["shift"]))
+
+
 def _kfac_encode(fac: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     layers = fac.layers
     fields = _structure_fields({k: f.names for k, f in layers.items()}, {k: f.transposed for k, f in layers.items()},
@@ -160,7 +185,8 @@ def _kfac_encode(fac: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors: dict[str, Tensor] = {}
     for k, f in layers.items():
         fields["layers"][k]["a_count"] = int(f.a_count)
-        tensors[f"{k}|A"], tensors[f"{k}|G"] = f.A, f.G
+        _put_a(tensors, fields, k, f.A)
+        tensors[f"{k}|G"] = f.G
     tensors.update({f"{n}|diag": d for n, d in fac.diagonal.items()})
     if fac.eig is not None:  # the eigendecompositions too (EKFAC's eigenvalues are meaningful only in its basis)
         fields["eig"] = {}
@@ -176,7 +202,7 @@ def _kfac_encode(fac: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 def _kfac_decode(tensors: dict[str, Tensor], fields: dict[str, Any]) -> Any:
     k_ = _kfac_module()
-    layers = {k: k_.Factors(tuple(f["names"]), tensors[f["A"]], tensors[f["G"]], bool(f["transposed"]),
+    layers = {k: k_.Factors(tuple(f["names"]), _get_a(tensors, f["A"]), tensors[f["G"]], bool(f["transposed"]),
                             torch.tensor(int(f["a_count"]), dtype=torch.int64)) for k, f in fields["layers"].items()}
     eig = None
     if fields.get("eig") is not None:
@@ -220,7 +246,8 @@ def _kfac_differences(names: Mapping[str, tuple[str, ...]], transposed: Mapping[
 def _kfac_params_differences(fac: Any, params: Mapping[str, Tensor], partial: bool) -> list[str]:
     layers = fac.layers
     return _kfac_differences({k: f.names for k, f in layers.items()}, {k: f.transposed for k, f in layers.items()},
-                             {k: (f.A.shape[0], f.G.shape[0]) for k, f in layers.items()}, fac.shapes, params, partial)
+                             {k: (_factor.size(f.A), f.G.shape[0]) for k, f in layers.items()}, fac.shapes, params,
+                             partial)
 
 
 def _ema_encode(state: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -229,7 +256,9 @@ def _ema_encode(state: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     fields["ema"] = {part: {"step": int(ema.step), "decay": float(ema.decay),
                             "provenance": provenance_to_json(ema.provenance or NO_PROVENANCE)}
                      for part, ema in (("A", state.A), ("G", state.G), ("diagonal", state.diagonal))}
-    tensors = {f"{k}|{side}": getattr(state, side).mean[k] for k in state.names for side in ("A", "G")}
+    tensors = {f"{k}|G": state.G.mean[k] for k in state.names}
+    for k in state.names:
+        _put_a(tensors, fields, k, state.A.mean[k])
     tensors.update({f"{n}|diag": d for n, d in state.diagonal.mean.items()})
     return tensors, fields
 
@@ -243,7 +272,7 @@ def _ema_decode(tensors: dict[str, Tensor], fields: dict[str, Any]) -> Any:
                         provenance_from_json(e["provenance"]))
 
     return _kfac_module().KFACEMAState(
-        part("A", {k: tensors[f["A"]] for k, f in layers.items()}),
+        part("A", {k: _get_a(tensors, f["A"]) for k, f in layers.items()}),
         part("G", {k: tensors[f["G"]] for k, f in layers.items()}),
         part("diagonal", {n: tensors[key] for n, key in fields["diagonal"].items()}),
         {k: tuple(f["names"]) for k, f in layers.items()}, {k: bool(f["transposed"]) for k, f in layers.items()},
@@ -252,7 +281,7 @@ def _ema_decode(tensors: dict[str, Tensor], fields: dict[str, Any]) -> Any:
 
 
 def _ema_params_differences(state: Any, params: Mapping[str, Tensor], partial: bool) -> list[str]:
-    sizes = {k: (state.A.mean[k].shape[0], state.G.mean[k].shape[0]) for k in state.names}
+    sizes = {k: (_factor.size(state.A.mean[k]), state.G.mean[k].shape[0]) for k in state.names}
     return _kfac_differences(state.names, state.transposed, sizes, state.shapes, params, partial)
 
 
@@ -383,13 +412,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 # --- save ----------------------------------------------------------------------------------------------
 
-def _entry(where: str, obj: Any, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _entry(where: str, obj: Any, what: str) -> tuple[dict[str, Tensor], dict[str, Any], int]:
+    """``(tensors, fields, the format version the object needs)``."""
     codec = _codec_of(obj)
     if codec is None:
         raise FisherError(f"{where}: cannot store {what} of type {type(obj).__name__}; expected one of "
                           f"{[c.name for c in CODECS]} or a {{task: state}} dict of them")
     tensors, fields = codec.encode(obj)
-    return tensors, {"type": codec.name, **fields}
+    needs = int(fields.pop(NEEDS, 1))
+    return tensors, {"type": codec.name, **fields}, needs
 
 
 def save(path: str | os.PathLike, obj: "State | Mapping[str, State]", metadata: Mapping[str, Any] | None = None
@@ -410,8 +441,7 @@ def save(path: str | os.PathLike, obj: "State | Mapping[str, State]", metadata: 
     where = "save"
     if metadata is not None and not isinstance(metadata, Mapping):
         raise FisherError(f"{where}: metadata must be a {{key: value}} dict, got {type(metadata).__name__}")
-    header: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, **_versions(),
-                              "metadata": dict(metadata or {})}
+    header: dict[str, Any] = {"format": FORMAT, "format_version": 1, **_versions(), "metadata": dict(metadata or {})}
     if isinstance(obj, Mapping) and _codec_of(obj) is None:
         tensors: dict[str, Tensor] = {}
         header["type"], header["tasks"] = "tasks", {}
@@ -419,7 +449,8 @@ def save(path: str | os.PathLike, obj: "State | Mapping[str, State]", metadata: 
             if not isinstance(task, str) or "/" in task:
                 raise FisherError(f"{where}: task names must be strings without '/' (the separator of task and key "
                                   f"in the file), got {task!r}")
-            entry_tensors, fields = _entry(where, state, f"task {task!r}")
+            entry_tensors, fields, needs = _entry(where, state, f"task {task!r}")
+            header["format_version"] = max(header["format_version"], needs)
             keys = {key: f"{task}/{key}" for key in entry_tensors}
             for key, full in keys.items():
                 if full in tensors:
@@ -428,8 +459,9 @@ def save(path: str | os.PathLike, obj: "State | Mapping[str, State]", metadata: 
                 tensors[full] = entry_tensors[key]
             header["tasks"][task] = {"prefix": f"{task}/", **fields}
     else:
-        tensors, fields = _entry(where, obj, "an object")
+        tensors, fields, needs = _entry(where, obj, "an object")
         header.update(fields)
+        header["format_version"] = needs
     tensors = _for_disk(tensors)
     header["tensors"] = {k: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "crc32": _crc(t)}
                          for k, t in tensors.items()}

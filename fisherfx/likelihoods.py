@@ -100,7 +100,7 @@ class Categorical(NamedTuple):
                 f"Categorical: expected targets of shape [N] or [N, T], got {tuple(targets.shape)}"
             )
         active = targets != self.ignore_index
-        return torch.where(active, targets, torch.zeros_like(targets)), active
+        return torch.where(active, targets, 0), active
 
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         logp = torch.log_softmax(outputs, dim=-1)
@@ -247,7 +247,9 @@ def check_classes(likelihood: Likelihood, outputs: Tensor, targets: Tensor, acti
     if not isinstance(likelihood, Categorical):
         return
     c = outputs.shape[-1]
-    low, high = (int(v) for v in torch.aminmax(torch.where(active, targets, 0)))  # inactive ones count as 0
+    low, high = (int(v) for v in torch.aminmax(targets))  # all of them: in range, the active ones are
+    if low < 0 or high >= c:  # then the active ones alone (inactive ones count as 0)
+        low, high = (int(v) for v in torch.aminmax(torch.where(active, targets, 0)))
     if low < 0 or high >= c:
         classes = targets[active]
         raise FisherError(

@@ -133,7 +133,8 @@ def kfac_optimizer(problem: Problem, lr: float = 0.3, damping: float = 1e-2, dec
         lr: ``η``.
         damping: ``λ > 0``.
         decay: the factors' EMA decay ``β ∈ (0, 1)``.
-        curvature_every, inverse_every: how often to add factors and to eigendecompose.
+        curvature_every, inverse_every: how often to add factors and to invert (or, ``"tikhonov"``,
+            eigendecompose) their average.
         kind: ``"mc"`` (default), ``"empirical"`` or ``"exact"`` (see :func:`~fisherfx.kfac`).
         momentum: ``μ ∈ [0, 1)``.
         kl_clip: ``c > 0`` or ``None``.

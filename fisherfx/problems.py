@@ -75,12 +75,13 @@ def model_call(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, **kw
     """``model(inputs)`` evaluated at ``params`` with :func:`torch.func.functional_call`.
 
     ``inputs`` is a tensor (one positional argument), a tuple (positional arguments) or a dict
-    (keyword arguments). Parameters and buffers absent from ``params`` fall back to the module's own.
+    (keyword arguments). Parameters and buffers absent from ``params`` fall back to the module's own
+    (with ``params`` empty, the model is simply called).
     """
     if isinstance(inputs, Mapping):
-        return functional_call(model, dict(params), (), {**inputs, **kwargs})
+        return functional_call(model, dict(params), (), {**inputs, **kwargs}) if params else model(**inputs, **kwargs)
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    return functional_call(model, dict(params), args, kwargs or None)
+    return functional_call(model, dict(params), args, kwargs or None) if params else model(*args, **kwargs)
 
 
 def _tensor(where: str, key: str, x: Any, shape: str) -> Tensor:
@@ -92,6 +93,8 @@ def _tensor(where: str, key: str, x: Any, shape: str) -> Tensor:
 
 def _check_inputs(where: str, inputs: Any) -> int:
     """``N``: every leaf of ``inputs`` is a tensor with ``N`` samples on its first axis."""
+    if isinstance(inputs, Tensor) and inputs.ndim > 0:  # the common case, in one step
+        return inputs.shape[0]
     leaves: list[tuple[str, Any]] = []
 
     def walk(tree: Any, path: str) -> None:

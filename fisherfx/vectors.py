@@ -10,6 +10,7 @@ references of :mod:`fisherfx.testing` use.
     \\langle u, v \\rangle = \\sum_{\\text{name}} \\sum_i u_{\\text{name}, i} \\, v_{\\text{name}, i}
 """
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -80,7 +81,12 @@ def non_finite(v: Mapping[str, Tensor]) -> str | None:
     One reduction serves all: a sum is finite only when every entry is (a sum that overflows is
     rechecked entry by entry).
     """
-    if not v or bool(torch.stack([x.sum().to(torch.float64) for x in v.values()]).isfinite().all()):
+    if not v:
+        return None
+    sums = [x.sum() for x in v.values()]
+    if len({s.dtype for s in sums}) > 1:
+        sums = [s.to(torch.float64) for s in sums]
+    if math.isfinite(float(torch.stack(sums).sum())):  # an overflow of finite entries is rechecked below
         return None
     return next((name for name, x in v.items() if not bool(torch.isfinite(x).all())), None)
 

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 import fisherfx as ffx
+from fisherfx import _factor
 from fisherfx._collect import collect
-from fisherfx._kfac import kfac_combine
+from fisherfx._factor import LowRank
+from fisherfx._kfac import kfac_combine, kfac_dense
 from fisherfx.distributed import all_reduce
 from fisherfx.testing import assert_tree_close
 from tests.strategies import SAME_MATH_F64, build, randint, randn
@@ -266,6 +268,69 @@ def kfac_other_modes_or_kinds_are_refused_on_every_rank(rank):
                    generator=torch.Generator().manual_seed(0))
     expect_error(lambda: all_reduce(fac), "all_reduce: cannot mix estimates of different kind: rank 0: "
                                           "kind='empirical'; rank 1: kind='mc'")
+
+
+def wide_setting():
+    """A first layer of 30 inputs (+ bias: i = 31): the 10 rows of all shards pay (20 ≤ 31), kept low-rank."""
+    model = build(lambda: nn.Sequential(nn.Linear(30, 4), nn.Tanh(), nn.Linear(4, 3)), seed=2)
+    batches = [(randn(50 + i, n, 30), randint(60 + i, 3, n)) for i, n in enumerate(SIZES)]
+    whole = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    return ffx.supervised(model, ffx.Categorical()), ffx.params_of(model), batches, whole
+
+
+def assert_same_operator(got, want):
+    """The same factors up to their form: each A as a matrix, G, counts, and the whole operator."""
+    for key, layer in want.layers.items():
+        g = got.layers[key]
+        assert_tree_close({"A": _factor.dense(g.A), "G": g.G}, {"A": _factor.dense(layer.A), "G": layer.G},
+                          **SAME_MATH_F64)
+        assert int(g.a_count) == int(layer.a_count) and g.names == layer.names
+    assert_tree_close({"F": kfac_dense(got)}, {"F": kfac_dense(want)}, **SAME_MATH_F64)
+    assert int(got.count) == int(want.count) and got.provenance == want.provenance and got.eig is None
+
+
+@scenario
+def kfac_lowrank_rows_of_uneven_shards_are_gathered(rank):
+    """Ranks hold 8 and 2 rows of the first layer: every rank gets all 10, in rank order, as kfac_combine."""
+    problem, params, batches, whole = wide_setting()
+    shards = {r: kfac_of(problem, params, [batches[i] for i in SHARDS[r]], a_form="lowrank") for r in SHARDS}
+    got = all_reduce(shards[rank])
+    a = got.layers["0.weight"].A
+    assert isinstance(a, LowRank) and a.U.shape == (10, 31)
+    want = kfac_combine([shards[0], shards[1]])
+    assert torch.equal(a.U, want.layers["0.weight"].A.U)
+    assert_same_operator(got, want)
+    assert_same_operator(got, ffx.kfac(problem, params, whole, dtype=F64))
+
+
+@scenario
+def kfac_lowrank_rows_that_stop_paying_are_summed_dense(rank):
+    """4 inputs, 10 rows: every rank densifies its A and the sums are reduced."""
+    problem, params, batches, whole = setting()
+    got = all_reduce(kfac_of(problem, params, [batches[i] for i in SHARDS[rank]], a_form="lowrank"))
+    assert all(isinstance(layer.A, torch.Tensor) for layer in got.layers.values())
+    assert_same_operator(got, ffx.kfac(problem, params, whole, dtype=F64))
+
+
+@scenario
+def kfac_mixed_forms_are_summed_dense(rank):
+    problem, params, batches, whole = wide_setting()
+    got = all_reduce(kfac_of(problem, params, [batches[i] for i in SHARDS[rank]],
+                             a_form="dense" if rank == 0 else "lowrank"))
+    assert isinstance(got.layers["0.weight"].A, torch.Tensor)
+    assert_same_operator(got, ffx.kfac(problem, params, whole, dtype=F64))
+
+
+@scenario
+def kfac_lowrank_rank_without_data_sends_no_rows(rank):
+    problem, params, batches, _ = wide_setting()
+    mine = kfac_of(problem, params, batches[:2], a_form="lowrank")
+    if rank == 1:  # no data: factors of the same structure with zero counts
+        zero = torch.zeros((), dtype=torch.int64)
+        mine = mine._replace(count=zero, layers={k: f._replace(a_count=zero) for k, f in mine.layers.items()})
+    got = all_reduce(mine)
+    assert got.layers["0.weight"].A.U.shape == (8, 31)  # rank 0's rows only
+    assert_same_operator(got, kfac_of(problem, params, batches[:2]))
 
 
 def _doc_scripts() -> list[str]:

@@ -201,7 +201,7 @@ def test_a_newer_format_asks_for_an_upgrade(tmp_path):
     text = json.dumps({"format": "fisherfx", "format_version": 99, "type": "Estimate", "tensors": {}})
     save_file({"w": torch.ones(2)}, tmp_path / "new.safetensors",
               metadata={"format": "fisherfx", "fisherfx": text, "fisherfx_crc32": str(zlib.crc32(text.encode()))})
-    with pytest.raises(ffx.FisherError, match="format version 99, newer than this fisherfx reads \\(1\\); upgrade"):
+    with pytest.raises(ffx.FisherError, match="format version 99, newer than this fisherfx reads \\(2\\); upgrade"):
         load(tmp_path / "new.safetensors")
 
 

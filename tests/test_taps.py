@@ -608,6 +608,177 @@ def test_auto_merges_taps_and_generic_at_the_given_values():
     assert_values_close(got.value, want.value, **TAPS_VS_GENERIC)
 
 
+# --- the plain pass ------------------------------------------------------------------------------
+
+@pytest.fixture
+def plain_spy(monkeypatch):
+    """Records, per call of the tap engine, whether its plain pass served it (``True``) or left it to
+    the full pass (``False``)."""
+    seen: list[bool] = []
+    plain = taps._plain
+
+    def spy(*args, **kwargs):
+        result = plain(*args, **kwargs)
+        seen.append(result is not None)
+        return result
+
+    monkeypatch.setattr(taps, "_plain", spy)
+    return seen
+
+
+PLAIN = {"mlp-categorical", "mlp-gaussian", "mlp-bernoulli", "cnn-conv1d", "tagger"}  # PyTorch layers, each once
+
+
+@pytest.mark.parametrize("kind", ["empirical", "mc", "exact"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_full_pass_equals_generic_where_the_plain_pass_serves(case, kind, monkeypatch, plain_spy):
+    """Every case through the full pass alone (plain pass off) equals the generic engine; the plain pass
+    serves exactly the models made of PyTorch's layers, each called once, outputs unchanged."""
+    problem, batch = case.make()
+    params = ffx.params_of(problem.model)
+    options = {"kind": kind, "n_samples": 2, "dtype": F64}
+    plain = ffx.diag_fisher(problem, params, batch, generator=generator(0), **options)
+    assert all(served is (case.name in PLAIN) for served in plain_spy)
+    assert plain_spy or (kind == "exact" and _t(problem, batch) > 1)  # positions one by one: never plain
+    monkeypatch.setattr(taps, "_plain", lambda *args, **kwargs: None)
+    full = ffx.diag_fisher(problem, params, batch, generator=generator(0), **options)
+    want = ffx.diag_fisher(problem, params, batch, generator=generator(0), engine="generic", **options)
+    assert_values_close(full.value, want.value, **TAPS_VS_GENERIC)
+    assert_values_close(plain.value, want.value, **TAPS_VS_GENERIC)
+
+
+@settings(max_examples=30)
+@given(n=st.integers(1, 6), widths=st.lists(st.integers(1, 6), min_size=1, max_size=3), seed=seeds,
+       kind=st.sampled_from(["empirical", "mc", "exact"]), bias=st.booleans(),
+       which=st.sampled_from(["diag", "channels", "inputs", "whole", "mask"]), given_as=st.sampled_from(
+           ["own", "copies", "moved", "subset"]))
+def test_plain_pass_any_mlp(n, widths, seed, kind, bias, which, given_as):
+    """MLPs of any widths and batch sizes (N = 1 and N equal to a width included), every estimator, with
+    the parameters given as the module's own tensors (called directly), as copies, at other values or a
+    subset (through ``functional_call``): the plain pass serves them all and equals the generic engine."""
+    sizes = [4, *widths, 3]
+    layers_ = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b, bias=bias), nn.Tanh())][:-1]
+    problem = ffx.supervised(_build(lambda: nn.Sequential(*layers_), seed % 1000), ffx.Categorical())
+    params = ffx.params_of(problem.model)
+    params = {"own": params, "copies": {k: v.clone() for k, v in params.items()},
+              "moved": {k: v + 0.1 for k, v in params.items()},
+              "subset": {k: v for k, v in params.items() if k.startswith("0.")}}[given_as]
+    batch = (randn(seed, n, 4), randint(seed + 1, 3, n))
+    options = {"kind": kind, "dtype": F64, "n_samples": 2}
+    if which == "diag":
+        def fn(engine):
+            return ffx.diag_fisher(problem, params, batch, generator=generator(seed), engine=engine, **options)
+    else:
+        spec = {"channels": ffx.channels, "inputs": ffx.inputs, "whole": ffx.whole, "mask": ffx.channels}[which](
+            params)
+        estimator = ffx.mask_importance if which == "mask" else ffx.group_fisher
+
+        def fn(engine):
+            return estimator(problem, params, batch, spec, generator=generator(seed), engine=engine, **options)
+    seen = []
+    plain = taps._plain
+    try:
+        taps._plain = lambda *a, **k: seen.append(plain(*a, **k)) or seen[-1]
+        got = fn("taps")
+    finally:
+        taps._plain = plain
+    assert seen and all(r is not None for r in seen)
+    assert_values_close(got.value, fn("generic").value, **TAPS_VS_GENERIC)
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)),  # an output changed in place
+    Twice,  # a layer called twice
+    Custom,  # a weight also used outside its layer
+    lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Dropout(0.0)),
+], ids=["in-place", "twice", "outside", "dropout-eval"])
+def test_plain_pass_falls_back_once_per_model_and_shape(factory, plain_spy, monkeypatch):
+    """Where a check of the plain pass fails after its forward, the full pass serves the call (the same
+    numbers as the generic engine), and the next call with the same model and shapes skips the plain pass."""
+    problem = ffx.supervised(_build(factory), ffx.Categorical())
+    params = ffx.params_of(problem.model)
+    batch = (randn(1, 5, 4), randint(2, 3, 5))
+    forwards = []
+    guarded = taps.guarded_forward
+    monkeypatch.setattr(taps, "guarded_forward", lambda *a, **k: forwards.append(1) or guarded(*a, **k))
+    first = ffx.diag_fisher(problem, params, batch, dtype=F64)
+    once = len(forwards)
+    second = ffx.diag_fisher(problem, params, batch, dtype=F64)
+    twice = len(forwards)
+    want = ffx.diag_fisher(problem, params, batch, dtype=F64, engine="generic")
+    assert_values_close(first.value, want.value, **TAPS_VS_GENERIC)
+    assert_values_close(second.value, want.value, **TAPS_VS_GENERIC)
+    if factory is Custom or isinstance(problem.model, nn.Sequential) and isinstance(problem.model[-1], nn.Dropout):
+        assert plain_spy[0] is (factory is not Custom)  # the dropout model is plain; Custom fails its graph check
+        return
+    assert plain_spy == [False, False] and once == 2 and twice == 3  # the second call: one forward
+
+
+def test_plain_pass_budget_and_frozen_parameters(plain_spy, monkeypatch):
+    """Output gradients over the budget go to the full pass; frozen parameters given explicitly are
+    evaluated through ``functional_call`` leaves; both equal the generic engine."""
+    model = _build(lambda: _mlp(3))
+    model[0].weight.requires_grad_(False)
+    problem = ffx.supervised(model, ffx.Categorical())
+    params = {k: v.detach() for k, v in model.named_parameters()}  # the frozen weight included
+    batch = (randn(1, 5, 5), randint(2, 3, 5))
+    want = ffx.diag_fisher(problem, params, batch, dtype=F64, engine="generic")
+    assert_values_close(ffx.diag_fisher(problem, params, batch, dtype=F64).value, want.value, **TAPS_VS_GENERIC)
+    assert plain_spy == [True]
+    monkeypatch.setattr(taps, "PLAIN_BUDGET", 4)
+    other = ffx.supervised(_build(lambda: _mlp(3)), ffx.Categorical())
+    params = ffx.params_of(other.model)
+    got = ffx.diag_fisher(other, params, batch, dtype=F64, engine="taps")
+    assert_values_close(got.value, ffx.diag_fisher(other, params, batch, dtype=F64, engine="generic").value,
+                        **TAPS_VS_GENERIC)
+    assert plain_spy == [True, False]
+
+
+def test_plain_pass_leaves_no_forward_behind_even_when_the_forward_raises():
+    model = _build(lambda: _mlp(3))
+    problem = ffx.supervised(model, ffx.Categorical())
+    ffx.diag_fisher(problem, ffx.params_of(model), (randn(1, 5, 5), randint(2, 3, 5)))
+    with pytest.raises(ffx.FisherError):
+        ffx.diag_fisher(problem, ffx.params_of(model), (randn(1, 5, 4), randint(2, 3, 5)))  # 4 features for 5
+    assert not any("forward" in vars(m) for m in model.modules())
+    pickle.dumps(model)
+
+
+def test_an_mlp_batch_as_wide_as_its_input_is_not_cut():
+    problem = ffx.supervised(_build(lambda: _mlp(3)), ffx.Categorical())
+    assert taps.split_point(problem.prepare((randn(1, 5, 5), randint(2, 3, 5)))) is None
+
+
+@pytest.mark.parametrize("factory", [lambda: _mlp(3), _tiny_gpt2, _tiny_llama, Tied,
+                                     lambda: nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Sequential())])
+def test_one_walk_reads_the_model_as_torch_does(factory):
+    """:func:`fisherfx._walk.walk` lists what ``named_parameters``/``named_buffers``/``modules`` list (ties
+    and shared modules under every name), and the first BatchNorm in train mode."""
+    from fisherfx._walk import walk
+
+    model = factory()
+    shared = nn.Linear(2, 2)
+    model.add_module("again", nn.ModuleList([shared, shared]))
+    index = walk(model)
+    assert list(index.params) == [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert all(index.params[n] is p for n, p in model.named_parameters(remove_duplicate=False))
+    assert list(index.buffers) == [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    assert index.modules == list(model.modules())
+    bn = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm1d)]
+    assert index.training_batchnorm == (bn[0] if bn else None)
+    model.eval()
+    assert walk(model).training_batchnorm is None
+
+
 # --- scope, randomness, chunks, dtypes -----------------------------------------------------------
 
 class Boom(nn.Module):
@@ -676,3 +847,25 @@ def test_float32_model_accumulates_in_float64_on_request():
     want = ffx.diag_fisher(problem, params, batch, dtype=F64, engine="generic")
     assert all(v.dtype == F64 for v in got.value.values())
     assert_values_close(got.value, want.value, rtol=1e-4, atol=1e-6)  # float32 forward and backward
+
+
+class Unused(nn.Module):
+    """A layer called but its output never used, beside a plain MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.aux = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.aux(x)  # computed and dropped: its parameters get zero
+        return self.net(x)
+
+
+def test_plain_pass_leaves_a_layer_whose_output_is_unused_to_the_full_pass(plain_spy):
+    problem = ffx.supervised(_build(Unused), ffx.Categorical())
+    params, batch = ffx.params_of(problem.model), (randn(1, 5, 4), randint(2, 3, 5))
+    got = ffx.diag_fisher(problem, params, batch, dtype=F64)
+    assert_values_close(got.value, ffx.diag_fisher(problem, params, batch, dtype=F64, engine="generic").value,
+                        **TAPS_VS_GENERIC)
+    assert plain_spy == [False] and got.value["aux.weight"].abs().sum() == 0

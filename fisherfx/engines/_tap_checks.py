@@ -64,13 +64,12 @@ def formula_holds(module: nn.Module, x: Tensor, y: Tensor, k: layers.Kinds) -> b
 
 def _internal(node, stop) -> set:
     """Autograd nodes created by one call: reachable from its output's node, not through its input."""
-    seen, stack = set(), [node]
+    seen, stack = {node}, [node]
     while stack:
-        current = stack.pop()
-        if current is None or current is stop or current in seen or hasattr(current, "variable"):
-            continue
-        seen.add(current)
-        stack.extend(child for child, _ in current.next_functions)
+        for child, _ in stack.pop().next_functions:
+            if child is not None and child is not stop and child not in seen and not hasattr(child, "variable"):
+                seen.add(child)
+                stack.append(child)
     return seen
 
 
@@ -93,27 +92,65 @@ def graph_covered(outputs: Tensor, calls: list, leaves: Mapping[str, Tensor],
     name_of = {id(t): name for name, t in leaves.items()}
     parents: dict[str, set] = {name: set() for name in leaves}
     consumers: dict = {node: [] for node in watch}
-    seen, stack = set(), [outputs.grad_fn]
-    while stack:
+    root = outputs.grad_fn
+    seen, stack = {root}, [root] if root is not None else []
+    while stack:  # every node once; an edge to a leaf (AccumulateGrad) records its parent
         node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
         for child, _ in node.next_functions:
-            if child in consumers:
+            if child is None:
+                continue
+            if consumers and child in consumers:
                 consumers[child].append(node)
             variable = getattr(child, "variable", None)
-            if variable is None:
+            if variable is not None:
+                if id(variable) in name_of:
+                    parents[name_of[id(variable)]].add(node)
+            elif child not in seen:
+                seen.add(child)
                 stack.append(child)
-            elif id(variable) in name_of:
-                parents[name_of[id(variable)]].add(node)
-    inside: dict[str, set] = {name: set() for name in leaves}
+    inside: dict[str, set] = {}
     for call in calls:
         nodes = _internal(call.node, call.stop)
         for name in call.keys.values():
-            inside[name] |= nodes
-    unused = {name for name, p in parents.items() if not p}
-    return {name for name, p in parents.items() if p and p <= inside[name]}, unused, consumers
+            inside[name] = inside[name] | nodes if name in inside else nodes
+    covered = {name for name, p in parents.items() if p and p <= inside.get(name, set())}
+    return covered, {name for name, p in parents.items() if not p}, consumers
+
+
+def used_only_inside(outputs: Tensor, calls: list, leaves: Mapping[str, Tensor]) -> bool:
+    """Whether every tapped call's output reaches ``outputs`` and no parameter of ``leaves`` is used in
+    their graph outside the calls.
+
+    For calls of PyTorch's own layers, each called once and holding its parameters alone (the plain
+    pass of the tap engine): such a call uses its parameters, and its nodes use nothing else, so the
+    walk skips from each call's output node to its input's node and only looks at the edges outside
+    the calls. :func:`graph_covered` is the general check.
+    """
+    ids = {id(t) for t in leaves.values()}
+    skip = {c.node: c.stop for c in calls}
+    reached = 0
+    root = outputs.grad_fn
+    seen, stack = {root}, [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if node in skip:  # a call's own nodes: continue below its input
+            reached += 1
+            below = skip[node]
+            if below is not None and below not in seen:
+                seen.add(below)
+                stack.append(below)
+            continue
+        for child, _ in node.next_functions:
+            if child is None or child in seen:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                if id(variable) in ids:
+                    return False
+            else:
+                seen.add(child)
+                stack.append(child)
+    return reached == len(skip)
 
 
 def roots(stops: list[Tensor]) -> list[Tensor]:
@@ -227,4 +264,4 @@ def probe(calls: list, check: list[int], outputs: Tensor, active: Tensor, backwa
 
 
 __all__ = ["NEGLIGIBLE", "TRUSTED", "graph_covered", "formula_holds", "probe", "roots", "sums_match", "tolerance",
-           "trusted"]
+           "trusted", "used_only_inside"]

@@ -49,7 +49,7 @@ class Plan(NamedTuple):
     """What to accumulate for one parameter (see the module docstring)."""
 
     what: str  # "diag" | "rows" | "cols" | "mask_rows" | "mask_cols" | "mask"
-    gid: Tensor | None = None  # [o] or [i] group id of each row/column ("rows", "cols", "mask_*")
+    gid: Tensor | None = None  # [o] or [i] group id of each row/column ("rows", "cols", "mask_*"); None: its own
     groups: int = 0  # number of groups
     theta: Tensor | None = None  # the parameter in its 2-D layout [o, i] (or [d]), "mask*" only
     reduce: Callable[[Tensor], Tensor] | None = None  # parameter-shaped → group values ("mask")
@@ -160,10 +160,7 @@ def _squares(uses: list[Use], what: str, dtype: torch.dtype, cap: int | None, ws
         s = sum(u.a.sum(1) for u in uses)
         return (s**2).sum(0)
     if _one_position(uses):
-        a2, b2 = uses[0].a[:, 0].to(dtype) ** 2, uses[0].b(0, units)[:, 0].to(dtype) ** 2
-        if what == "diag":
-            return a2.T @ b2
-        return a2.T @ b2.sum(1) if what == "rows" else b2.T @ a2.sum(1)
+        return one_position(uses[0].a[:, 0].to(dtype).square(), uses[0].b(0, units)[:, 0].to(dtype).square(), what)
     if forms == {"index"}:
         rows, agg = _aggregate(uses, dtype)
         o, i = uses[0].size
@@ -200,6 +197,25 @@ def _squares(uses: list[Use], what: str, dtype: torch.dtype, cap: int | None, ws
             g2 = _explicit(uses, lo, hi, dtype, ws).square_()
             total += g2.sum((0, 2) if what == "rows" else (0, 1))
     return total
+
+
+def one_position(a2: Tensor, b2: Tensor | None, what: str) -> Tensor:
+    """``diag`` ``[o, i]``, ``rows`` ``[o]`` or ``cols`` ``[i]`` of an outer use with one position per
+    unit, from its squared factors ``a²`` ``[N, o]`` and ``b²`` ``[N, i]``; of a vector use (``b2=None``):
+    ``Σ_u a_u²`` ``[o]``.
+    """
+    if b2 is None:
+        return a2.sum(0)
+    if what == "diag":
+        return a2.T @ b2
+    return a2.T @ b2.sum(1) if what == "rows" else b2.T @ a2.sum(1)
+
+
+def grouped(values: Tensor, plan: Plan) -> Tensor:
+    """Row or column values ``[o]``/``[i]`` summed into ``plan``'s groups (values as they are for ``diag``)."""
+    if plan.what == "diag" or plan.gid is None:
+        return values
+    return torch.zeros(plan.groups, dtype=values.dtype, device=values.device).index_add_(0, plan.gid, values)
 
 
 def _projected(uses: list[Use], what: str, theta: Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
@@ -245,10 +261,7 @@ def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None,
     """
     what = plan.what
     if what in ("diag", "rows", "cols"):
-        values = _squares(uses, what, dtype, cap, ws)
-        if what == "diag":
-            return values
-        return torch.zeros(plan.groups, dtype=dtype, device=values.device).index_add_(0, plan.gid, values)
+        return grouped(_squares(uses, what, dtype, cap, ws), plan)
     units = uses[0].a.shape[0]
     theta = plan.theta.to(dtype)
     if what == "mask":
@@ -268,8 +281,9 @@ def accumulate(uses: list[Use], plan: Plan, dtype: torch.dtype, cap: int | None,
     for lo in range(0, units, step):
         hi = min(lo + step, units)
         m = _projected(uses, what, theta, lo, hi, dtype)
-        grouped = torch.zeros((hi - lo, plan.groups), dtype=dtype, device=m.device).index_add_(1, plan.gid, m)
-        total += (grouped**2).sum(0)
+        sums = m if plan.gid is None else \
+            torch.zeros((hi - lo, plan.groups), dtype=dtype, device=m.device).index_add_(1, plan.gid, m)
+        total += (sums**2).sum(0)
     return total
 
 
@@ -303,18 +317,18 @@ def make_plan(use_list: list[Use], request: Any, param: Tensor, dtype: torch.dty
     diagonal), ``sizes`` (its axis lengths) and ``mask``.
     """
     shape = tuple(param.shape)
-    theta = param.detach().to(dtype).reshape(use_list[0].size)
     if request.pattern is None:
         return Plan("diag"), None
     reduce = group_reduce(request.pattern, request.sizes)
     groups = group_ids(request.pattern, dict(request.sizes), shape, use_list[0].size, param.device)
+    theta = param.detach().to(dtype).reshape(use_list[0].size) if request.mask else None
     if groups is None:
         if request.mask:
             return Plan("mask", theta=theta, reduce=reduce, shape=shape), lambda v: v
         return Plan("diag"), lambda d: reduce(d.reshape(shape))
     axis, gid, count, out_shape = groups
     plan = Plan("mask_" + axis, gid, count, theta) if request.mask else Plan(axis, gid, count)
-    return plan, lambda v: v.reshape(out_shape)
+    return plan, lambda v: v if v.shape == out_shape else v.reshape(out_shape)
 
 
 def group_reduce(pattern: str, sizes: Mapping[str, int]) -> Callable[[Tensor], Tensor]:
@@ -342,8 +356,14 @@ def _text(axes: Any) -> str:
 
 def group_ids(pattern: str, sizes: dict[str, int], shape: tuple[int, ...], size: tuple[int, ...],
               device) -> tuple | None:
-    """:func:`_group_ids`, cached: a pure function of the pattern, the shapes and the device."""
-    return _group_ids(pattern, tuple(sorted(sizes.items())), tuple(shape), tuple(size), torch.device(device))
+    """:func:`_group_ids`, cached: a pure function of the pattern, the shapes and the device; the ids are
+    ``None`` where each row (column) is its own group, in order (per output channel).
+    """
+    found = _group_ids(pattern, tuple(sorted(sizes.items())), tuple(shape), tuple(size), torch.device(device))
+    if found is None:
+        return None
+    axis, gid, count, out_shape, own = found
+    return axis, None if own else gid, count, out_shape
 
 
 @functools.lru_cache(maxsize=1024)
@@ -369,16 +389,22 @@ def _group_ids(pattern: str, sizes_items: tuple, shape: tuple[int, ...], size: t
         grid = gid.reshape(size[0], -1)
         if not bool((grid == grid[:, :1]).all()):
             return None
-        return "rows", grid[:, 0].long(), count, out_shape
+        return _ids("rows", grid[:, 0], count, out_shape)
     if kept <= set(first):
-        gid, count, out_shape = _adjoint_ids(f"{_text(first)} -> {rhs}", sizes, shape[:1], device)
-        return "rows", gid.long(), count, out_shape
+        return _ids("rows", *_adjoint_ids(f"{_text(first)} -> {rhs}", sizes, shape[:1], device))
     if not kept & set(first):
         rest = " ".join(_text(axes) for axes in left.composition[1:])
-        gid, count, out_shape = _adjoint_ids(f"{rest} -> {rhs}", sizes, shape[1:], device)
-        return "cols", gid.reshape(-1).long(), count, out_shape
+        return _ids("cols", *_adjoint_ids(f"{rest} -> {rhs}", sizes, shape[1:], device))
     return None
 
 
-__all__ = ["BUDGET", "Plan", "Workspace", "accumulate", "group_ids", "group_reduce", "make_plan", "position_units"]
+def _ids(axis: str, gid: Tensor, count: int, out_shape: tuple) -> tuple:
+    """``(axis, ids, count, group shape, whether each row/column is its own group in order)``."""
+    gid = gid.reshape(-1).long()
+    own = count == gid.numel() and bool((gid == torch.arange(count, device=gid.device)).all())
+    return axis, gid, count, out_shape, own
+
+
+__all__ = ["BUDGET", "Plan", "Workspace", "accumulate", "group_ids", "group_reduce", "grouped", "make_plan",
+           "one_position", "position_units"]
 

@@ -21,9 +21,17 @@ diagonal of token counts (its positions are separate look-ups: expand in either 
 for a layer with as many positions as the targets (``P = T > 1``) position ``p`` counts when target
 ``p`` is active; otherwise all positions of a sample with an active target count.
 
+``A`` is kept as its rows (:class:`~fisherfx._factor.LowRank`, ``A = (1/rows) Uᵀ U`` with ``U`` the
+counted ``x̃`` or ``x̄``) where the request's ``a_form`` asks for it (:func:`~fisherfx._factor.chooses_low_rank`:
+by default where the rows are at most half the inputs, for layers of 256 inputs or more): no
+``i × i`` product is formed.
+
 With ``basis = (Q_A, Q_G)`` (EKFAC) the sum is instead the diagonal of the per-unit gradients in
 that eigenbasis, ``Σ_u (Q_Gᵀ G_u Q_A)²`` with ``G_u = Σ_p g x̃ᵀ`` (no mask: the gradient itself),
-through the diagonal estimator of :mod:`._tap_estimators` on rotated inputs and gradients.
+through the diagonal estimator of :mod:`._tap_estimators` on rotated inputs and gradients. A thin
+``Q_A`` ``[i, k]`` (``k < i``, a low-rank ``A``) gets its complement too: the inputs become
+``[x̃ Q_A, x̃ (I − Q_A Q_Aᵀ)]``, and the last ``i`` columns of the sums hold the complement's share of each
+gradient (zero where every gradient lies in the span of ``A``'s rows).
 """
 
 from collections.abc import Callable
@@ -32,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .. import _factor
+from .._factor import LowRank
 from ._tap_estimators import BUDGET, Plan, Workspace
 from ._tap_estimators import accumulate as accumulate_diag
 from ._tap_layers import Use
@@ -45,19 +55,25 @@ class FactorRequest(NamedTuple):
     ``ones``: the inputs get a last entry of ones (the layer's bias joins its weight, or a bias alone);
     ``transposed``: the rows of the parameter's 2-D layout are the input side (HF ``Conv1D`` ``[i, o]``,
     ``Embedding`` ``[V, d]``); ``basis``: ``(Q_A or None, Q_G)`` for EKFAC's diagonal in that basis
-    (``None``: ``A`` is diagonal, its basis the identity).
+    (``None``: ``A`` is diagonal, its basis the identity; ``Q_A`` ``[i, k]`` with ``k < i``: thin);
+    ``a_form``: ``"auto"``, ``"dense"`` or ``"lowrank"`` (:func:`~fisherfx._factor.chooses_low_rank`);
+    ``joined``: a bias whose column of ones is in its weight's ``A``: nothing is accumulated (the sum is a
+    zero scalar), the request only finds out whether the taps serve the parameter.
     """
 
     mode: str = "expand"
     ones: bool = False
     transposed: bool = False
     basis: tuple[Tensor | None, Tensor] | None = None
+    a_form: str = "auto"
+    joined: bool = False
 
 
 class FactorSums(NamedTuple):
     """The factors of one parameter (see the module docstring): ``A`` as a mean over its rows, ``G`` a sum."""
 
-    A: Tensor  # [i, i] (i counts the ones entry), or [V] token frequencies for an Embedding: the mean over a_count
+    A: "Tensor | LowRank"  # [i, i] (i counts the ones entry), its rows, or [V] token frequencies for an
+    # Embedding: the mean over a_count
     a_count: Tensor  # shape=(), int64: the rows A averages over
     G: Tensor  # [o, o], summed over units and output vectors (not normalised)
 
@@ -71,12 +87,19 @@ class FactorPlan(NamedTuple):
     a_count: Tensor | None
 
 
-def add(a: "Tensor | FactorSums", b: "Tensor | FactorSums") -> "Tensor | FactorSums":
-    """The sum of two partial results of one parameter (tensors, or factor sums)."""
+def add(a: "Tensor | FactorSums", b: "Tensor | FactorSums", request: FactorRequest | None = None
+        ) -> "Tensor | FactorSums":
+    """The sum of two partial results of one parameter (tensors, or factor sums; two low-rank ``A`` stay low-rank
+    where the request's ``a_form`` would keep the whole batch's rows).
+    """
     if isinstance(a, FactorSums) and isinstance(b, FactorSums):
         rows = a.a_count + b.a_count
         weights = (float(a.a_count) / max(float(rows), 1.0), float(b.a_count) / max(float(rows), 1.0))
-        return FactorSums(weights[0] * a.A + weights[1] * b.A, rows, a.G + b.G)
+        low = None
+        if isinstance(a.A, LowRank) and isinstance(b.A, LowRank):
+            low = _factor.chooses_low_rank(request.a_form if request is not None else "auto",
+                                           a.A.U.shape[0] + b.A.U.shape[0], a.A.U.shape[1])
+        return FactorSums(_factor.weighted_sum([(a.A, weights[0]), (b.A, weights[1])], low), rows, a.G + b.G)
     if isinstance(a, FactorSums) or isinstance(b, FactorSums):  # a part whose parameter was unused: zeros
         return a if isinstance(a, FactorSums) else b
     return a + b
@@ -126,10 +149,10 @@ def _step(units: int, per_unit: int) -> int:
 
 
 def _input_moments(uses: list[Use], request: FactorRequest, mask: Callable[[int], Tensor],
-                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                   dtype: torch.dtype) -> "tuple[Tensor | LowRank, Tensor]":
     """``(A, rows)``: the mean of ``x̃ x̃ᵀ`` (expand) or ``x̄ x̄ᵀ`` (reduce) over the ``rows`` counted, over all
-    uses of the parameter (see the module docstring). The ``1/rows`` is applied inside the matrix products
-    (no extra pass over a large ``A``).
+    uses of the parameter (see the module docstring), or those rows (low-rank). The ``1/rows`` is applied
+    inside the matrix products (no extra pass over a large ``A``).
     """
     units = uses[0].a.shape[0]
     masks = [mask(u.a.shape[1]) for u in uses]
@@ -140,12 +163,14 @@ def _input_moments(uses: list[Use], request: FactorRequest, mask: Callable[[int]
             keep = (u.a >= 0) & (m > 0)
             counts.index_add_(0, u.a[keep], m[keep].to(dtype))
         return counts.div_(max(rows, 1)), torch.tensor(rows, dtype=torch.int64)
+    width = 0 if uses[0].form == "vector" else uses[0].size[0 if request.transposed else 1]
     if request.mode == "reduce":
-        return _reduced_moments(uses, request, masks, dtype)
+        return _reduced_moments(uses, request, masks, dtype, width + request.ones)
     rows = sum(int(m.sum()) for m in masks)
+    if _factor.chooses_low_rank(request.a_form, rows, width + request.ones):
+        return _input_rows(uses, request, masks, dtype, rows), torch.tensor(rows, dtype=torch.int64)
     alpha = 1.0 / max(rows, 1)
     # fewer rows than inputs: the column [x, 1] costs less than a bordered copy of A
-    width = 0 if uses[0].form == "vector" else uses[0].size[0 if request.transposed else 1]
     column = request.ones and sum(u.a.shape[0] * u.a.shape[1] for u in uses) < width
     xx = xs = None
     for u, m in zip(uses, masks, strict=True):
@@ -172,9 +197,31 @@ def _input_moments(uses: list[Use], request: FactorRequest, mask: Callable[[int]
     return a, torch.tensor(rows, dtype=torch.int64)
 
 
+def _input_rows(uses: list[Use], request: FactorRequest, masks: list[Tensor], dtype: torch.dtype,
+                rows: int) -> LowRank:
+    """Expand, low-rank: ``A = (1/rows) Uᵀ U`` with ``U`` the counted rows ``x̃`` of every use (a fresh tensor)."""
+    units = uses[0].a.shape[0]
+    parts = []
+    for u, m in zip(uses, masks, strict=True):
+        p = u.a.shape[1]
+        full = bool(m.all())
+        step = _step(units, p * (sum(u.size) + 1))
+        for lo in range(0, units, step):
+            hi = min(lo + step, units)
+            x, g = _sides(u, request.transposed, lo, hi)
+            fresh = request.ones or not full or x is None or x.dtype != dtype  # else a view of the layer's input
+            flat = _with_ones(x, g, request.ones, dtype).reshape((hi - lo) * p, -1)
+            parts.append((flat if full else flat[m[lo:hi].reshape(-1) > 0], fresh))
+    if len(parts) == 1 and parts[0][1]:
+        return _factor.from_rows(parts[0][0], rows)  # no second copy
+    return _factor.from_rows(torch.cat([part for part, _ in parts]), rows)
+
+
 def _reduced_moments(uses: list[Use], request: FactorRequest, masks: list[Tensor],
-                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Reduce: ``(1/M) Σ_n x̄_n x̄_nᵀ`` over the ``M`` samples with a counted position."""
+                     dtype: torch.dtype, inputs: int) -> "tuple[Tensor | LowRank, Tensor]":
+    """Reduce: ``(1/M) Σ_n x̄_n x̄_nᵀ`` over the ``M`` samples with a counted position (their rows ``x̄`` where
+    the request's ``a_form`` chooses the low-rank form).
+    """
     units = uses[0].a.shape[0]
     per_sample, weight = None, None  # Σ_p m x̃ per sample over all uses, and its counted positions
     for u, m in zip(uses, masks, strict=True):
@@ -192,6 +239,8 @@ def _reduced_moments(uses: list[Use], request: FactorRequest, masks: list[Tensor
     keep = weight > 0
     xbar = per_sample[keep] / weight[keep, None].to(dtype)
     rows = int(keep.sum())
+    if _factor.chooses_low_rank(request.a_form, rows, inputs):
+        return _factor.from_rows(xbar, rows), torch.tensor(rows, dtype=torch.int64)
     a = torch.addmm(xbar.new_zeros(()), xbar.T, xbar, beta=0, alpha=1.0 / max(rows, 1))
     return a, torch.tensor(rows, dtype=torch.int64)
 
@@ -212,7 +261,7 @@ def make_plan(uses: list[Use], request: FactorRequest, dtype: torch.dtype,
 
     """
     mask = _masker(active)
-    if request.basis is not None:
+    if request.basis is not None or request.joined:
         return FactorPlan(request, mask, None, None), lambda d: d
     forms = {u.form for u in uses}
     if len(forms) > 1:
@@ -223,7 +272,7 @@ def make_plan(uses: list[Use], request: FactorRequest, dtype: torch.dtype,
     def post(g: Tensor) -> FactorSums:
         if g.ndim == 0:  # no output vector reached the parameter: G = 0
             o = uses[0].size[1] if request.transposed or uses[0].form == "index" else uses[0].size[0]
-            g = torch.zeros((o, o), dtype=dtype, device=a.device)
+            g = torch.zeros((o, o), dtype=dtype, device=uses[0].a.device)
         return FactorSums(a, rows, g)
 
     return FactorPlan(request, mask, a, rows), post
@@ -239,13 +288,16 @@ def _rotated(u: Use, request: FactorRequest, dtype: torch.dtype) -> Use:
     if u.form == "index":  # A diagonal: its eigenbasis is the identity
         return Use("index", u.a, lambda lo, hi: u.b(lo, hi).to(dtype) @ qg, u.size)
     n = u.a.shape[0]
+    thin = qa.shape[1] < qa.shape[0]  # a low-rank A's thin basis: its complement's share as well
 
     def x_of(lo: int, hi: int) -> Tensor:
         x, g = _sides(u, request.transposed, lo, hi)
-        return _with_ones(x, g, request.ones, dtype) @ qa
+        x = _with_ones(x, g, request.ones, dtype)
+        rotated = x @ qa
+        return torch.cat([rotated, x - rotated @ qa.T], -1) if thin else rotated
 
     g = _sides(u, request.transposed, 0, n)[1].to(dtype) @ qg
-    i = qa.shape[0]
+    i = qa.shape[1] + (qa.shape[0] if thin else 0)
     if request.transposed:
         x = x_of(0, n)
         return Use("outer", x, lambda lo, hi: g[lo:hi], (i, g.shape[-1]))
@@ -257,6 +309,8 @@ def accumulate(uses: list[Use], plan: FactorPlan, dtype: torch.dtype, cap: int |
     diagonal sums ``Σ_u (Q_Gᵀ G_u Q_A)²`` in the parameter's (joint) 2-D layout.
     """
     request = plan.request
+    if request.joined:
+        return torch.zeros((), dtype=dtype, device=uses[0].a.device)
     if request.basis is not None:
         return accumulate_diag([_rotated(u, request, dtype) for u in uses], Plan("diag"), dtype, cap, ws)
     units = uses[0].a.shape[0]

@@ -34,6 +34,7 @@ def position_vectors(
     active: Tensor,
     kind: Kind,
     noise: Tensor | None = None,
+    masked: bool = True,
 ) -> Tensor:
     """Per-position output vectors ``[R, ..., T, C]`` (see the module docstring).
 
@@ -44,6 +45,7 @@ def position_vectors(
         active: ``[..., T]`` bool.
         kind: ``"empirical"``, ``"mc"`` or ``"exact"``.
         noise: ``[S, ...]`` random numbers from ``likelihood.noise`` (``kind="mc"`` only).
+        masked: zero the inactive positions; ``False`` where the caller knows every position is active.
 
     Returns:
         ``[R, ..., T, C]``, zero at inactive positions. For ``mc`` the ``S`` draws are *not* yet
@@ -53,13 +55,16 @@ def position_vectors(
     outputs = outputs.detach()
     if outputs.dtype in (torch.float16, torch.bfloat16):  # softmax and sampling in float32
         outputs = outputs.float()
-    mask = active[..., None].to(outputs.dtype)
-    if kind == "empirical":  # nll_grad returns a fresh tensor: masked in place
-        return likelihood.nll_grad(outputs, targets).mul_(mask)[None]
-    if kind == "mc":
-        return likelihood.nll_grad(outputs, likelihood.sample(outputs, noise)).mul_(mask)
-    sqrt = likelihood.hessian_sqrt(outputs) * mask[..., None]  # [..., T, C, K]
-    return torch.movedim(sqrt, -1, 0)
+    if kind == "exact":
+        sqrt = likelihood.hessian_sqrt(outputs)  # [..., T, C, K]
+        if masked:
+            sqrt = sqrt * active[..., None, None].to(outputs.dtype)
+        return torch.movedim(sqrt, -1, 0)
+    labels = targets if kind == "empirical" else likelihood.sample(outputs, noise)
+    u = likelihood.nll_grad(outputs, labels)  # a fresh tensor: masked in place
+    if masked:
+        u.mul_(active[..., None].to(outputs.dtype))
+    return u[None] if kind == "empirical" else u
 
 
 def count_vectors(r: int, t: int, width: int, kind: Kind, per: str) -> int:

@@ -28,6 +28,7 @@ gradient; otherwise the generic engine must serve it (``engine="auto"`` does tha
   ``N``), the same probe with per-sample scalars checks that the first axis is the sample axis.
 """
 
+import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -38,12 +39,13 @@ from torch import Tensor, nn
 
 from .._errors import FisherError
 from .._tree import map_tensors, tensors
+from .._walk import ModelIndex, walk
 from ..likelihoods import check_classes, check_shapes
 from ..problems import Prepared, Problem, forward_failure
 from . import _tap_checks as checks
 from . import _tap_kfac as kfac_taps
 from . import _tap_layers as layers
-from ._tap_estimators import Workspace, accumulate, group_reduce, make_plan, position_units
+from ._tap_estimators import Workspace, accumulate, group_reduce, grouped, make_plan, one_position, position_units
 from ._tap_layers import Use
 from .cotangents import Kind, position_vectors
 
@@ -183,67 +185,93 @@ def _flag(missing: dict[str, str], keys: Mapping[str, str], why: str) -> None:
         missing.setdefault(name, why)
 
 
-def _owned(model: nn.Module, names: list[str], k: layers.Kinds) -> tuple[set[str], list[nn.Module]]:
-    """The names whose tensor is the weight or bias of a supported module (ties included), and
-    the supported modules holding one of them (one walk over the model).
-    """
-    own = dict(model.named_parameters(remove_duplicate=False))
+class _Owners(NamedTuple):
+    """The supported layers holding the requested parameters (see :func:`_owned`)."""
+
+    names: set[str]  # the requested names some supported layer holds (ties included)
+    holders: list[nn.Module]  # those layers, each once
+    keys: list[dict[str, str]]  # per holder, ``{"weight" | "bias": name}`` of the requested names it holds
+    plain: bool  # every holder runs PyTorch's own forward and every such name sits in one holder slot
+
+
+def _owned(index: ModelIndex, names: list[str], k: layers.Kinds) -> _Owners:
+    """The supported layers holding a requested name, in one pass over the model's modules."""
+    own = index.params
     by_id = {id(own[n]): n for n in names}
-    out, holders = set(), []
-    for module in model.modules():
+    out: set[str] = set()
+    holders, keys = [], []
+    slots = 0
+    plain = len(by_id) == len(names)  # no two requested names are one tensor
+    for module in index.modules:
         if layers.supported(module, k):
-            held = [by_id[id(t)] for attr in ("weight", "bias")
-                    if (t := module._parameters.get(attr)) is not None and id(t) in by_id]
+            held = {attr: by_id[id(t)] for attr in ("weight", "bias")
+                    if (t := module._parameters.get(attr)) is not None and id(t) in by_id}
             if held:
-                out.update(held)
+                out.update(held.values())
                 holders.append(module)
-    return out, holders
+                keys.append(held)
+                slots += len(held)
+                plain = plain and checks.trusted(module)
+    return _Owners(out, holders, keys, plain and slots == len(out))
 
 
-@contextmanager
-def rng_guard(where: str, device: torch.device) -> Iterator[None]:
-    """Restore the global random state after the forward; raise if the forward drew from it."""
+def _same_bytes(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal`` of two byte tensors, compared 8 bytes at a time where their length allows."""
+    if a.numel() == b.numel() and a.numel() % 8 == 0:
+        a, b = a.view(torch.int64), b.view(torch.int64)
+    return torch.equal(a, b)
+
+
+def _restored(before: tuple, device: torch.device) -> bool:
+    """Whether the global random state moved since ``before`` (then it is put back)."""
     cuda = device.type == "cuda"
-    before = torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
-    try:
-        yield
-    finally:
-        after = torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+    moved = not _same_bytes(before[0], torch.get_rng_state()) or (
+        cuda and not _same_bytes(before[1], torch.cuda.get_rng_state(device)))
+    if moved:
         torch.set_rng_state(before[0])
         if cuda:
             torch.cuda.set_rng_state(before[1], device)
-    if not torch.equal(before[0], after[0]) or (cuda and not torch.equal(before[1], after[1])):
-        raise FisherError(f"{where}: the model draws random numbers (dropout in train mode?); call model.eval() "
-                          "before computing the Fisher")
+    return moved
 
 
 def guarded_forward(where: str, problem: Problem, values: Mapping[str, Tensor], inputs: Any, device: torch.device,
                     batch_inputs: Any = None) -> Tensor:
-    """``problem.forward`` on ``inputs`` with the global RNG kept (and a forward that draws refused, see
-    :func:`rng_guard`); a forward that raises becomes :func:`~fisherfx.problems.forward_failure`'s error,
-    which shows ``batch_inputs`` (default ``inputs``), the batch's own shapes.
+    """``problem.forward`` on ``inputs`` with the global random state kept: a forward that draws from it
+    (dropout in train mode) is refused and the state restored. A forward that raises becomes
+    :func:`~fisherfx.problems.forward_failure`'s error, which shows ``batch_inputs`` (default ``inputs``),
+    the batch's own shapes.
     """
+    before = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:
-        with rng_guard(where, device):
-            return problem.forward(problem.model, values, inputs)
+        outputs = problem.forward(problem.model, values, inputs)
     except FisherError:
         raise
     except Exception as err:
         raise forward_failure(where, problem, values, inputs if batch_inputs is None else batch_inputs, err) from err
+    finally:
+        drew = _restored(before, device)
+    if drew:
+        raise FisherError(f"{where}: the model draws random numbers (dropout in train mode?); call model.eval() "
+                          "before computing the Fisher")
+    return outputs
 
 
 def output_vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: Kind, noise: Tensor | None) -> Tensor:
     """The estimator's output vectors ``[R, N, T, C]`` (:func:`.cotangents.position_vectors`)."""
     targets, active = prepared.targets, prepared.active
-    if not targets.dtype.is_floating_point:  # class indices at inactive positions may be anything
+    full = bool(active.all())  # no position to mask (and no class index to sanitise)
+    if not full and not targets.dtype.is_floating_point:  # class indices at inactive positions may be anything
         targets = torch.where(active.reshape(*active.shape, *[1] * (targets.ndim - 2)), targets, 0)
     n = outputs.shape[0]
-    step = max(1, VECTOR_CHUNK // max(outputs[:1].numel(), 1))  # samples whose temporaries stay small
+    step = max(1, VECTOR_CHUNK // max(outputs.numel() // max(n, 1), 1))  # samples whose temporaries stay small
+    if step >= n:
+        return position_vectors(problem.likelihood, outputs, targets, active, kind, noise, masked=not full).to(
+            outputs.dtype)
     parts = []
     for lo in range(0, n, step):  # a language model's softmax and sampling temporaries, a few rows at a time
         z = None if noise is None else noise[:, lo:lo + step]
         parts.append(position_vectors(problem.likelihood, outputs[lo:lo + step], targets[lo:lo + step],
-                                      active[lo:lo + step], kind, z).to(outputs.dtype))
+                                      active[lo:lo + step], kind, z, masked=not full).to(outputs.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
@@ -413,6 +441,7 @@ def estimate(
     chunk_size: int | None = None,
     where: str = "taps",
     split_positions: bool = False,
+    index: ModelIndex | None = None,
     consume: "Consumer | None" = None,
 ) -> Result:
     """Sums over units of the requested estimators, for the parameters the taps can serve.
@@ -433,6 +462,7 @@ def estimate(
         where: the public function, for error messages.
         split_positions: each output vector becomes one vector per active position
             (:class:`._tap_kfac.PositionSplit`) and units are samples: K-FAC's ``kind="exact"``.
+        index: the model's :func:`~fisherfx._walk.walk`, when the caller has one.
         consume: instead of the requested estimators, hand every output vector's uses to this
             :data:`Consumer` (the curvature products of :mod:`._tap_products`); ``requests`` then only
             name the parameters.
@@ -449,16 +479,17 @@ def estimate(
     n, t = prepared.active.shape
     per_position = not split_positions and units_are_positions(prepared, kind, per)
     cut = None if per_position else split_point(prepared)
+    index = walk(problem.model) if index is None else index
     if cut is None:
         return _estimate(problem, params, prepared, requests, kind=kind, per_position=per_position, noise=noise,
                          dtype=dtype, chunk_size=chunk_size, where=where, split_positions=split_positions,
-                         consume=consume)
+                         index=index, consume=consume)
     parts = [_estimate(problem, params, _part(prepared, lo, hi), requests, kind=kind, per_position=False,
                        noise=None if noise is None else noise[:, lo:hi], dtype=dtype, chunk_size=chunk_size,
-                       where=where, offset=lo, split_positions=split_positions, consume=consume)
+                       where=where, offset=lo, split_positions=split_positions, index=index, consume=consume)
              for lo, hi in ((0, cut), (cut, n))]
     missing = {**parts[1].missing, **parts[0].missing}
-    sums = {name: kfac_taps.add(parts[0].sums[name], parts[1].sums[name]) for name in requests
+    sums = {name: kfac_taps.add(parts[0].sums[name], parts[1].sums[name], requests[name].factors) for name in requests
             if name in parts[0].sums and name in parts[1].sums}
     return Result(sums, {name: missing[name] for name in requests if name not in sums}, parts[0].width)
 
@@ -476,10 +507,14 @@ def split_point(prepared: Prepared) -> int | None:
 
     A layer output ``[N, T, d]`` with ``N = T`` could also hold its samples on the second axis, which
     only two probe backwards could rule out; two parts whose sizes differ from every such length
-    make the sample axis unambiguous from the shapes, at the cost of a second, smaller pass.
+    make the sample axis unambiguous from the shapes, at the cost of a second, smaller pass. The
+    lengths are the targets' positions and the inputs' axes after the first, but the last of a
+    floating-point input (its features: an MLP whose batch is as wide as its input is not cut); a
+    position axis made inside the model is still caught by the probes.
     """
     n = prepared.active.shape[0]
-    lengths = {d for x in tensors(prepared.inputs) for d in x.shape[1:]} | set(prepared.active.shape[1:])
+    lengths = {d for x in tensors(prepared.inputs) for d in x.shape[1:-1 if x.is_floating_point() else None]}
+    lengths |= set(prepared.active.shape[1:])
     if n not in lengths:
         return None
     for cut in sorted(range(1, n), key=lambda c: abs(2 * c - n)):
@@ -507,30 +542,208 @@ def _accumulate(uses: list[Use], plan: Any, dtype: torch.dtype, cap: int | None,
     return accumulate(uses, plan, dtype, cap, ws)
 
 
+PLAIN_BUDGET = 1 << 22  # output-gradient entries the plain pass holds at once (all its layers' together)
+
+# (holders, input shapes) where the plain pass did not apply, per model: it is not tried there again
+# (a hint for speed only: the full pass serves those calls, with the same result)
+_NOT_PLAIN: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+class _Hit(NamedTuple):
+    """One call of a tapped layer in the plain pass (the fields :func:`._tap_checks.graph_covered` reads)."""
+
+    module: nn.Module
+    x: Tensor  # detached input
+    y: Tensor
+    keys: dict[str, str]
+    node: Any  # y.grad_fn
+    stop: Any  # x.grad_fn
+
+
+def _aliases(p: Tensor, own: Tensor | None) -> bool:
+    """Whether ``p`` holds exactly the module's own tensor ``own`` (e.g. a detached view of it)."""
+    return own is not None and p.dtype == own.dtype and type(p) in _PLAIN_TYPES and p.is_set_to(own)
+
+
+_PLAIN_TYPES = (Tensor, nn.Parameter)  # not tensor subclasses (DTensor, ...): their storage may say nothing
+
+
+def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request],
+           order: list[str], owners: _Owners, missing: dict[str, str], k: layers.Kinds, *, kind: Kind,
+           noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str, index: ModelIndex,
+           offset: int, consume: "Consumer | None" = None) -> Result | None:
+    """The tap engine's pass where no check of the full pass can fail, or ``None`` (then the full pass runs).
+
+    It applies to layers whose forward is PyTorch's own (their formulas hold by construction), each
+    requested parameter held by one of them, each called once with the samples first and its output
+    not changed afterwards, every use of the parameters inside their layer (the graph check runs on
+    every call), and output gradients small enough to hold at once: then one backward per output
+    vector gives every layer's output gradient directly, with no tensor hook, probe or streaming.
+    A model whose parameters are given as the module's own tensors (:func:`~fisherfx.params_of`) is
+    called directly, without ``functional_call``.
+    """
+    model, holders = problem.model, owners.holders
+    n = prepared.active.shape[0]
+    memo = (tuple(map(id, holders)), tuple(tuple(x.shape) for x in tensors(prepared.inputs)))
+    if not owners.plain or memo in _NOT_PLAIN.get(model, ()):
+        return None
+    own = index.params
+
+    def fail() -> None:
+        _NOT_PLAIN.setdefault(model, set()).add(memo)
+
+    direct = all(_aliases(p, own.get(name)) for name, p in params.items()) and all(own[m].requires_grad
+                                                                                   for m in order)
+    if direct:
+        leaves, values = {name: own[name] for name in order}, {}
+    else:
+        leaves = {name: params[name].detach().requires_grad_() for name in order}
+        values = {**index.buffers, **{name: p.detach() for name, p in params.items()}, **leaves}
+    hits: list[tuple] = []
+    device = leaves[order[0]].device
+    try:  # each layer's own forward, recording its input and output (no hook: these are PyTorch's classes)
+        for m in holders:
+            object.__setattr__(m, "forward", _recording(m, hits))
+        with torch.enable_grad():
+            outputs = guarded_forward(where, problem, values, prepared.inputs, device)
+    finally:
+        for m in holders:
+            vars(m).pop("forward", None)
+    _check_forward(where, problem, outputs, prepared, offset)
+    calls, size = [], 0
+    if len(hits) != len(holders) or len({id(h[0]) for h in hits if h is not None}) != len(hits):
+        return fail()  # a layer called twice, or not at all
+    keys = dict(zip(map(id, holders), owners.keys, strict=True))
+    for module, x, y, x_version, y_version in hits:
+        if (y.grad_fn is None or y._version != y_version or x._version != x_version or y.ndim < 2
+                or y.shape[0] != n or n in layers.position_shape(module, tuple(y.shape), k)):
+            return fail()  # changed in place after the call, broadcast, or a position axis as long as the batch
+        calls.append(_Hit(module, x.detach(), y, keys[id(module)], y.grad_fn, x.grad_fn))
+        size += y.numel()
+    if size > PLAIN_BUDGET:
+        return fail()
+    if not checks.used_only_inside(outputs, calls, leaves):
+        return fail()
+    vectors = output_vectors(problem, outputs, prepared, kind, noise)
+    draws = vectors.shape[0]
+    sums: dict[str, Tensor] = {}
+    plans: dict[str, tuple] = {}
+    ws = Workspace()
+    for r in range(draws):
+        grads = torch.autograd.grad(outputs, [c.y for c in calls], vectors[r], retain_graph=r < draws - 1,
+                                    allow_unused=True)
+        found: dict[str, list[tuple[Use, None]]] = {}
+        for c, g in zip(calls, grads, strict=True):
+            if g is None:  # every name passed the graph check: each call's output reaches the outputs
+                raise RuntimeError(f"{where}: tap engine invariant broken: a covered layer's output got no gradient "
+                                   "(please report)")
+            parts = None if consume is not None else _linear_squares(c, g, requests, params, plans, dtype)
+            if parts is not None:
+                for name, part in parts.items():
+                    sums[name] = part if name not in sums else sums[name] + part
+                continue
+            view = layers.out_view(c.module, g, k)
+            made = {} if view is None or view.shape[0] != n else layers.uses(c.module, c.x, view, c.keys, k, dtype)
+            for name in c.keys.values():
+                if name not in made:
+                    raise RuntimeError(f"{where}: tap engine invariant broken: the plain pass cannot read the "
+                                       f"gradient of {name!r} per sample (please report)")
+                if consume is not None:
+                    found.setdefault(name, []).append((made[name], None))
+                    continue
+                if name not in plans:
+                    plans[name] = _plan([made[name]], requests[name], params[name], dtype, prepared.active)
+                part = _accumulate([made[name]], plans[name][0], dtype, chunk_size, ws)
+                sums[name] = part if name not in sums else sums[name] + part
+        if consume is not None:
+            consume(offset, r, found)
+    if consume is not None:
+        return Result({name: outputs.new_zeros((), dtype=dtype) for name in order},
+                      {name: missing[name] for name in requests if name in missing}, outputs.shape[-1])
+    out = {}
+    for name in order:
+        post, value = plans[name][1], sums[name]
+        out[name] = (value if value.shape == params[name].shape else value.reshape(params[name].shape)) \
+            if post is None else post(value)
+    return Result(out, {name: missing[name] for name in requests if name in missing}, outputs.shape[-1])
+
+
+def _recording(module: nn.Module, hits: list) -> Any:
+    """``module``'s class forward, appending ``(module, x, y, x version, y version)`` (or ``None``) to ``hits``."""
+    forward = type(module).forward
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        y = forward(module, *args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        hits.append((module, x, y, x._version, y._version) if isinstance(x, Tensor) and isinstance(y, Tensor)
+                    else None)
+        return y
+
+    return recorded
+
+
+def _linear_squares(c: _Hit, g: Tensor, requests: Mapping[str, Request], params: Mapping[str, Tensor],
+                    plans: dict[str, tuple], dtype: torch.dtype) -> dict[str, Tensor] | None:
+    """A ``Linear`` call with one position per sample (``x`` ``[N, i]``, ``g`` ``[N, o]``): the diagonals
+    ``(g²)ᵀ(x²)`` and ``Σ g²`` of its weight and bias, or their row/column group sums, with ``g²`` formed
+    once for both; ``None`` for any other call or request (mask importance, K-FAC factors).
+    """
+    if type(c.module) is not nn.Linear or g.ndim != 2 or c.x.ndim != 2:
+        return None
+    names = c.keys.values()
+    if any(requests[name].mask or requests[name].factors is not None for name in names):
+        return None
+    g2, x2, out = (g if g.dtype == dtype else g.to(dtype)).square(), None, {}
+    for attr, name in c.keys.items():
+        size = (g.shape[1],) if attr == "bias" else (g.shape[1], c.x.shape[1])
+        if name not in plans:
+            plans[name] = make_plan([Use("vector", g, None, size)], requests[name], params[name], dtype)
+        plan = plans[name][0]
+        if attr == "bias":
+            values = one_position(g2, None, plan.what)
+        else:
+            x2 = (c.x if c.x.dtype == dtype else c.x.to(dtype)).square() if x2 is None else x2
+            values = one_position(g2, x2, plan.what)
+        out[name] = grouped(values, plan)
+    return out
+
+
+def _check_forward(where: str, problem: Problem, outputs: Tensor, prepared: Prepared, offset: int) -> None:
+    """The outputs fit the targets and are finite (``offset``: the first sample's index in the caller's batch)."""
+    check_outputs(where, problem, outputs, prepared)
+    if not math.isfinite(float(outputs.detach().sum())) and not bool(torch.isfinite(outputs.detach()).all()):
+        finite = torch.isfinite(outputs.detach()).reshape(outputs.shape[0], -1).all(1)
+        raise FisherError(f"{where}: the model's outputs for sample {offset + int((~finite).nonzero()[0, 0])} "
+                          "are not finite")
+
+
 def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request], *,
               kind: Kind, per_position: bool, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None,
-              where: str, offset: int = 0, split_positions: bool = False, consume: "Consumer | None" = None) -> Result:
+              where: str, index: ModelIndex, offset: int = 0, split_positions: bool = False,
+              consume: "Consumer | None" = None) -> Result:
     """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages); with
     ``per_position`` each active position is a unit of its own.
     """
-    model, k = problem.model, layers.kinds()
-    owned, holders = _owned(model, list(requests), k)
+    k = layers.kinds()
+    owners = _owned(index, list(requests), k)
+    owned, holders = owners.names, owners.holders
     missing = {name: NO_LAYER for name in requests if name not in owned}
     order = [name for name in requests if name in owned]
     if not order:
         return Result({}, missing)
+    if not per_position and not split_positions:
+        plain = _plain(problem, params, prepared, requests, order, owners, missing, k, kind=kind, noise=noise,
+                       dtype=dtype, chunk_size=chunk_size, where=where, index=index, offset=offset, consume=consume)
+        if plain is not None:
+            return plain
     leaves = {name: params[name].detach().requires_grad_() for name in order}
-    values = {**dict(model.named_buffers()), **{n: p.detach() for n, p in params.items()}, **leaves}
+    values = {**index.buffers, **{n: p.detach() for n, p in params.items()}, **leaves}
     active = prepared.active
     n, t = active.shape
     device = leaves[order[0]].device
     with _tapped(holders, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
         outputs = guarded_forward(where, problem, values, prepared.inputs, device)
-        check_outputs(where, problem, outputs, prepared)
-        if not bool(torch.isfinite(outputs.detach()).all()):
-            finite = torch.isfinite(outputs.detach()).reshape(n, -1).all(1)
-            raise FisherError(f"{where}: the model's outputs for sample {offset + int((~finite).nonzero()[0, 0])} "
-                              "are not finite")
+        _check_forward(where, problem, outputs, prepared, offset)
         run = _Run(outputs, tape, leaves, k, n, dtype)
         todo, zero = run.covered(order, missing)  # first: it lets go of the layer outputs autograd does not keep
         vectors = output_vectors(problem, outputs, prepared, kind, noise)
