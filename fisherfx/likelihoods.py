@@ -128,8 +128,9 @@ class Categorical(NamedTuple):
         return torch.diag_embed(sqrt_p) - p[..., :, None] * sqrt_p[..., None, :]
 
     def hessian_vp(self, outputs: Tensor, u: Tensor) -> Tensor:
-        p = torch.softmax(outputs, dim=-1)  # (diag(p) − p pᵀ) u
-        return p * (u - (p * u).sum(-1, keepdim=True))
+        p = torch.softmax(outputs, dim=-1)  # (diag(p) − p pᵀ) u = p ⊙ u − p (pᵀ u), in two passes over u
+        pu = p * u
+        return pu.addcmul_(p, pu.sum(-1, keepdim=True), value=-1)
 
 
 class Gaussian(NamedTuple):

@@ -16,7 +16,10 @@ of each operator is :func:`~fisherfx.diag_fisher`'s value of the same kind (``ex
 
 How: one forward with tangents (:func:`torch.func.jvp`) gives the outputs ``f`` and ``J v`` for the
 whole batch; the output-space cotangent ``u`` (``H J v``, or ``∇_f ℓ · (∇ℓᵀ v)``) is formed in closed
-form; one backward through the same forward gives ``Jᵀ u``. ``K`` vectors at once (a leading axis on
+form; one backward through the same forward gives ``Jᵀ u`` (:mod:`fisherfx._products`). The empirical
+and MC products go through the tap engine where it serves (:mod:`fisherfx._gradient_products`): one
+forward and one backward give every ``∇ℓ_nᵀ v`` and ``Σ_n s_n ∇ℓ_n`` from the layers' inputs and output
+gradients, with no ``jvp`` and no backward per vector. ``K`` vectors at once (a leading axis on
 every ``v[name]``) share the forward: the tangents are batched with :func:`torch.func.vmap` over
 the one primal, and pulled back one by one through its graph. :func:`hvp` of one vector is reverse over reverse
 (the backward of the gradient, built with ``create_graph``, along ``v``: measured faster on CPU than
@@ -26,8 +29,7 @@ Attention: ``torch``'s fused SDPA kernels have no forward-mode derivative on som
 products run under the math SDPA backend (:func:`torch.nn.attention.sdpa_kernel`).
 """
 
-import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,175 +37,41 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from ._errors import FisherError
+from ._gradient_products import gradient_product
+from ._hessian_products import hessian_product
 from ._options import choice
+from ._products import accumulate, batches_of, check, forward_of, grad_leaves, like_params, per_vector, push
 from .engines import taps
-from .fisher import NORMALIZES, PERS, Normalize, Per, check_params, prepare_batch
+from .fisher import ENGINES, PERS, Engine, Normalize, Per
 from .losses import summed_nll
 from .problems import Prepared, Problem
-from .vectors import Vector, check_vector, non_finite
-
-
-def _math_sdpa() -> contextlib.AbstractContextManager:
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch without the context manager
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
-
-
-def _one_batch(batch: Any) -> bool:
-    """A single batch: a dict (``causal_lm``) or ``(inputs, targets[, mask])`` with tensor targets."""
-    if isinstance(batch, Mapping):
-        return True
-    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and isinstance(batch[1], Tensor):
-        return True
-    return isinstance(batch, Tensor) or not isinstance(batch, Iterable)  # not a collection: prepare says what
-
-
-def batches_of(batch: Any) -> Iterator[Any]:
-    """The batches of ``batch``: itself when it is one batch, else its items (a list, a DataLoader)."""
-    if _one_batch(batch):
-        yield batch
-    else:
-        yield from batch
-
-
-def _leaves(params: Mapping[str, Tensor]) -> Vector:
-    return {name: p.detach().requires_grad_(True) for name, p in params.items()}
-
-
-def _tangents(v: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Vector:
-    return {name: v[name].to(dtype=p.dtype, device=p.device) for name, p in params.items()}
-
-
-def _forward(where: str, problem: Problem, prepared: Prepared) -> Any:
-    device = prepared.active.device
-
-    def forward(values: Mapping[str, Tensor]) -> Tensor:
-        return taps.guarded_forward(where, problem, values, prepared.inputs, device)
-
-    return forward
-
-
-def _push(where: str, problem: Problem, params: Vector, prepared: Prepared, v: Vector,
-          k: int | None) -> tuple[Tensor, Tensor, Any]:
-    """``(f, J v, pull)``: the outputs ``f`` ``[N, T, C]``, the tangents ``J v`` ``[(K,) N, T, C]`` and
-    ``pull(u) = Jᵀ u`` for cotangents ``u`` shaped like ``J v``.
-
-    One forward with tangents whose primal keeps its autograd graph (``K`` tangents batched over the
-    one primal with ``vmap``); ``pull`` is one backward through that graph per vector. (A backward
-    vmapped with ``is_grads_batched`` over that graph was measured slower than ``K`` backwards, and a
-    vmapped ``torch.func.vjp`` costs a second primal forward for a few percent.)
-    """
-    forward = _forward(where, problem, prepared)
-    leaves = _leaves(params)
-    with torch.enable_grad():
-        if k is None:
-            out, jv = jvp(forward, (leaves,), (v,))
-        else:
-            out, jv = vmap(lambda t: jvp(forward, (leaves,), (t,)), out_dims=(None, 0))(v)
-    taps.check_outputs(where, problem, out.detach(), prepared)
-
-    def backward(u: Tensor, keep: bool) -> list[Tensor]:
-        grads = torch.autograd.grad(out, list(leaves.values()), u.to(out.dtype), allow_unused=True, retain_graph=keep)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(leaves.values(), grads, strict=True)]
-
-    def pull(u: Tensor) -> Vector:
-        if k is None:
-            return dict(zip(leaves, backward(u, False), strict=True))
-        parts = [backward(u[i], i < k - 1) for i in range(k)]
-        return {name: torch.stack([part[j] for part in parts]) for j, name in enumerate(leaves)}
-
-    return out, jv, pull
+from .vectors import Vector
 
 
 def _ggn_cotangent(problem: Problem, out: Tensor, jv: Tensor, prepared: Prepared, **_: Any) -> Tensor:
     """``u = H J v`` per active position (zero elsewhere), ``H`` in closed form."""
-    f = out.detach()
+    f, jv = out.detach(), jv.detach()  # a cotangent needs no graph of its own
     if f.dtype in (torch.float16, torch.bfloat16):
         f, jv = f.float(), jv.float()
     return problem.likelihood.hessian_vp(f, jv) * prepared.active[..., None].to(f.dtype)
-
-
-def _gradient_cotangent(problem: Problem, out: Tensor, jv: Tensor, prepared: Prepared, *, kind: str, per: str,
-                        noise: Tensor | None) -> Tensor:
-    """``u = Σ_r a_r (a_rᵀ J v) / R`` with ``a_r = ∂ℓ/∂f`` per sample (or position) and draw ``r``."""
-    a = taps.output_vectors(problem, out.detach(), prepared, kind, noise)  # [R, N, T, C], zero where inactive
-    jv = jv.to(a.dtype)
-    lead = jv.ndim - 3  # 0, or 1 for K vectors
-    a_ = a.reshape(a.shape[0], *[1] * lead, *a.shape[1:])  # [R, (1,) N, T, C]
-    along = (a_ * jv).sum(-1)  # [R, (K,) N, T]: a_{n,t}ᵀ (J v)_{n,t}
-    if per == "sample":
-        along = along.sum(-1, keepdim=True)  # ∇ℓ_nᵀ v
-    return (a_ * along[..., None]).sum(0) / a.shape[0]
-
-
-def _convolutional(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
-
-
-def _vectors(problem: Problem, tangents: Vector, k: int | None, one: Any) -> Vector:
-    """``one(tangents, k)``, or for a model with convolutions ``K`` calls ``one(t_i, None)`` stacked:
-    vmap's rule for a convolution with batched weights is slower on CPU than ``K`` products (measured
-    1.5-2.3x the cost of ``K`` calls on the CNN workload), unlike that of a linear layer.
-    """
-    if k is None or not _convolutional(problem.model):
-        return one(tangents, k)
-    parts = [one({name: t[i] for name, t in tangents.items()}, None) for i in range(k)]
-    return {name: torch.stack([p[name] for p in parts]) for name in parts[0]}
 
 
 def _fisher_product(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
                     normalize: str, cotangent: Any, kind: str = "exact", per: str = "sample", n_samples: int = 1,
                     generator: torch.Generator | None = None) -> Vector:
     """``(1/Σ_b Z_b) Σ_b Σ_n J_nᵀ u_n`` with ``u = cotangent(f, J v)`` per batch: the shared Fisher product."""
-    params, v, k = _check(where, problem, params, v, normalize)
+    params, v, k = check(where, problem, params, v, normalize)
     choice(where, "per", per, PERS)
-    tangents = _tangents(v, params)
+    tangents = like_params(v, params)
 
     def product(prepared: Prepared, noise: Tensor | None) -> Vector:
         def one(t: Vector, k: int | None) -> Vector:
-            out, jv, pull = _push(where, problem, params, prepared, t, k)
+            out, jv, pull = push(where, problem, params, prepared, t, k)
             return pull(cotangent(problem, out, jv, prepared, kind=kind, per=per, noise=noise))
 
-        return _vectors(problem, tangents, k, one)
+        return per_vector(problem, tangents, k, one)
 
-    return _accumulate(where, problem, params, batch, normalize, product, kind, n_samples, generator)
-
-
-def _check(where: str, problem: Problem, params: Mapping[str, Tensor], v: Mapping[str, Tensor],
-           normalize: str) -> tuple[Vector, Vector, int | None]:
-    choice(where, "normalize", normalize, NORMALIZES)
-    params = check_params(where, problem, params)
-    v, k = check_vector(where, v, params)
-    return params, v, k
-
-
-def _accumulate(where: str, problem: Problem, params: Vector, batch: Any, normalize: str, product: Any, kind: str,
-                n_samples: int, generator: torch.Generator | None) -> Vector:
-    """Run ``product(prepared, noise)`` (an unnormalised sum) on every batch and divide by ``Σ_b Z_b``
-    (``normalize="none"``: by 1, the sum over the whole list, whatever its split into batches).
-    """
-    total: Vector | None = None
-    count = 0
-    for b in batches_of(batch):
-        prepared = prepare_batch(where, problem, params, b, kind, n_samples, generator, normalize)
-        with _math_sdpa():
-            part = product(prepared.prepared, prepared.noise)
-        if total is None:
-            total = part
-        else:
-            for name in total:
-                total[name] += part[name]
-        count = 1 if normalize == "none" else count + int(prepared.count)
-    if total is None:
-        raise FisherError(f"{where}: batch is an empty collection of batches; expected one batch or a non-empty "
-                          "list (or iterable) of batches")
-    bad = non_finite(total)
-    if bad is not None:
-        raise FisherError(f"{where}: the product is non-finite for parameter {bad!r} (inf or NaN in the model's "
-                          "outputs or their derivatives)")
-    return {name: x.div_(count) for name, x in total.items()} if count != 1 else total
+    return accumulate(where, problem, params, batch, normalize, product, kind, n_samples, generator)
 
 
 def ggn_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
@@ -244,34 +112,43 @@ fisher_vp = ggn_vp
 
 
 def empirical_fisher_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
-                        normalize: Normalize = "samples", per: Per = "sample") -> Vector:
+                        normalize: Normalize = "samples", per: Per = "sample", engine: Engine = "auto") -> Vector:
     """Empirical Fisher times ``v``, with no per-sample gradient formed.
 
     .. math::
         F v = \\frac{1}{Z} \\sum_n \\nabla ℓ_n \\, (\\nabla ℓ_n^\\top v)
         \\qquad (\\text{per="token"}: \\sum_{n,t} \\nabla ℓ_{n,t} (\\nabla ℓ_{n,t}^\\top v))
 
-    ``∇ℓ_nᵀ v = Σ_t (∂ℓ_{n,t}/∂f_{n,t})ᵀ (J v)_{n,t}`` comes from the one ``jvp``; the weighted sum of
-    gradients from the one backward.
+    Two routes give the scalars ``s_n = ∇ℓ_nᵀ v`` and the weighted sum ``Σ_n s_n ∇ℓ_n``. Through the
+    tap engine (:mod:`fisherfx.engines.taps`): one forward and one backward of the output vectors
+    ``∂ℓ/∂f`` give every supported layer's inputs ``x`` and output gradients ``g``, and then
+    ``s_n = Σ_{calls, p} g_{n,p}ᵀ V x_{n,p}`` and ``Σ_n s_n ∇ℓ_n = (s ⊙ g)ᵀ x`` per layer, one GEMM each
+    for all ``K`` vectors at once (no ``jvp``, no backward per vector). By ``jvp``/``vjp``: ``s_n`` from
+    one forward with tangents, ``Σ_t (∂ℓ_{n,t}/∂f_{n,t})ᵀ (J v)_{n,t}``, the weighted sum from one backward
+    per vector. In a mix, ``s_n`` adds both routes' parts before each pulls it back.
 
     Args:
         problem, params, batch, v, normalize: as :func:`ggn_vp`.
         per: ``"sample"`` (``∇ℓ_n``) or ``"token"`` (each active position its own sample).
+        engine: ``"auto"`` (the taps for the parameters they serve, ``jvp``/``vjp`` for the rest; but
+            ``jvp``/``vjp`` for everything when the units are positions, ``per="token"`` with samples holding
+            several: the taps' per-position check costs two more backwards and on attention models serves
+            only the layers after the last attention), ``"taps"`` (the taps for every parameter, for
+            ``per="token"`` too; raises for those they cannot serve) or ``"generic"`` (``jvp``/``vjp``).
 
     Returns:
         ``{name: [*P]}`` (or ``[K, *P]``).
 
     Raises:
-        FisherError: as :func:`ggn_vp`.
+        FisherError: as :func:`ggn_vp`, and ``engine="taps"`` with a parameter the taps cannot serve.
 
     """
-    return _fisher_product("empirical_fisher_vp", problem, params, batch, v, normalize, _gradient_cotangent,
-                           kind="empirical", per=per)
+    return gradient_product("empirical_fisher_vp", problem, params, batch, v, normalize, "empirical", per, engine)
 
 
 def mc_fisher_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
                  n_samples: int = 1, generator: torch.Generator | None = None, normalize: Normalize = "samples",
-                 per: Per = "sample") -> Vector:
+                 per: Per = "sample", engine: Engine = "auto") -> Vector:
     """Monte-Carlo ("true") Fisher times ``v``: the empirical product with labels drawn from the model.
 
     .. math::
@@ -282,7 +159,8 @@ def mc_fisher_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: 
     positions only, batch after batch), so unit-vector products reproduce its diagonal.
 
     Args:
-        problem, params, batch, v, normalize, per: as :func:`empirical_fisher_vp`.
+        problem, params, batch, v, normalize, per, engine: as :func:`empirical_fisher_vp` (the taps run one
+            backward per draw).
         n_samples: draws ``S`` per active position.
         generator: seeds the draws; the same state gives the same product.
 
@@ -290,19 +168,18 @@ def mc_fisher_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: 
         ``{name: [*P]}`` (or ``[K, *P]``).
 
     Raises:
-        FisherError: as :func:`ggn_vp`, and ``n_samples`` not a positive integer.
+        FisherError: as :func:`empirical_fisher_vp`, and ``n_samples`` not a positive integer.
 
     """
     where = "mc_fisher_vp"
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise FisherError(f"{where}: n_samples must be a positive integer, got {n_samples!r}")
-    return _fisher_product(where, problem, params, batch, v, normalize, _gradient_cotangent, kind="mc", per=per,
-                           n_samples=n_samples, generator=generator)
+    return gradient_product(where, problem, params, batch, v, normalize, "mc", per, engine, n_samples, generator)
 
 
 def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
-        normalize: Normalize = "samples") -> Vector:
-    """Hessian of the normalised NLL :func:`~fisherfx.nll` times ``v`` (reverse over reverse).
+        normalize: Normalize = "samples", engine: Engine = "auto") -> Vector:
+    """Hessian of the normalised NLL :func:`~fisherfx.nll` times ``v``.
 
     .. math::
         H v = \\nabla^2_θ \\Big( \\frac{1}{Z} \\sum_n ℓ_n(θ) \\Big) v
@@ -312,22 +189,49 @@ def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[s
     Not positive semi-definite in general (the second term); it equals :func:`ggn_vp` for a model
     linear in ``params``.
 
+    Two routes. Reverse over reverse: the backward of the gradient (built with ``create_graph``) along
+    ``v``; for ``K`` vectors forward over reverse, the tangents batched over one primal forward and backward
+    (one vector at a time for models with convolutions). Through the taps
+    (:mod:`fisherfx._hessian_products`): ``H v`` is the gradient of ``s = ⟨∇_θ L, v⟩``, with ``s`` formed
+    from the layers' output gradients ``∂L/∂y`` and the layers evaluated at ``v`` (each is linear in its
+    parameters), so the first backward forms no weight gradient, and ``K`` vectors share the forward and
+    that first backward, each with its own second backward.
+
     Args:
         problem, params, batch, v, normalize: as :func:`ggn_vp`.
+        engine: ``"auto"`` (one vector reverse over reverse, ``K`` vectors through the taps: the choices
+            measured faster, see ``docs/benchmarks-operators.md``), ``"taps"`` (through the taps for any
+            ``K``; raises for parameters no recorded layer call accounts for, which ``"auto"`` takes
+            through their own gradient) or ``"generic"`` (reverse over reverse, forward over reverse for
+            ``K`` vectors).
 
     Returns:
         ``{name: [*P]}`` (or ``[K, *P]``).
 
     Raises:
-        FisherError: as :func:`ggn_vp`.
+        FisherError: as :func:`ggn_vp`, and ``engine="taps"`` with a parameter the taps cannot serve.
 
     """
     where = "hvp"
-    params, v, k = _check(where, problem, params, v, normalize)
-    tangents = _tangents(v, params)
+    choice(where, "engine", engine, ENGINES)
+    params, v, k = check(where, problem, params, v, normalize)
+    tangents = like_params(v, params)
+
+    def tapped(prepared: Prepared) -> Vector:
+        vs = [tangents] if k is None else [{name: t[i] for name, t in tangents.items()} for i in range(k)]
+        products, missing = hessian_product(where, problem, params, prepared, vs, strict=engine == "taps")
+        if engine == "taps" and missing:
+            raise FisherError(f"{where}: engine='taps' cannot serve " + ", ".join(map(repr, missing))
+                              + " (no recorded call of a supported layer accounts for all of its uses). Use "
+                              "engine='auto' to take their gradients from autograd")
+        if k is None:
+            return products[0]
+        return {name: torch.stack([p[name] for p in products]) for name in params}
 
     def product(prepared: Prepared, noise: Tensor | None) -> Vector:
-        forward = _forward(where, problem, prepared)
+        if engine == "taps" or (engine == "auto" and k is not None):
+            return tapped(prepared)
+        forward = forward_of(where, problem, prepared)
 
         def loss(values: Mapping[str, Tensor]) -> Tensor:
             out = forward(values)
@@ -341,7 +245,7 @@ def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[s
             return second_order(t)
 
         def second_order(t: Vector) -> Vector:
-            leaves = _leaves(params)  # one vector: reverse over reverse, measured faster on CPU than jvp of grad
+            leaves = grad_leaves(params)  # one vector: reverse over reverse, measured faster on CPU than jvp of grad
             with torch.enable_grad():
                 gradient = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=True,
                                                allow_unused=True)
@@ -354,9 +258,9 @@ def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[s
                 hv.update({name: h for name, h in zip(leaves, second, strict=True) if h is not None})
             return hv
 
-        return _vectors(problem, tangents, k, one)
+        return per_vector(problem, tangents, k, one)
 
-    return _accumulate(where, problem, params, batch, normalize, product, "exact", 1, None)
+    return accumulate(where, problem, params, batch, normalize, product, "exact", 1, None)
 
 
 __all__ = ["batches_of", "empirical_fisher_vp", "fisher_vp", "ggn_vp", "hvp", "mc_fisher_vp"]

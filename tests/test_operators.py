@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import fisherfx as ffx
 from fisherfx import operators, testing, vectors
 from fisherfx.testing import assert_tree_close
-from tests.cases import BY_NAME, CASES, FLOAT32_NORM_TOL, LM_CASES, Case, build, case_id
+from tests.cases import BY_NAME, CASES, FLOAT32_NORM_TOL, FLOAT64_TOL, LM_CASES, Case, build, case_id
 from tests.strategies import generator
 
 NORMALIZES = ("samples", "tokens", "none")
@@ -112,6 +112,139 @@ def test_k_vectors_equal_k_calls(case: Case, which: str):
         # hvp: forward over reverse for K vectors, reverse over reverse for one (rounding differs)
         tol = tolerance(case, single) if case.tol is FLOAT32_NORM_TOL else {"rtol": 1e-10, "atol": 1e-13}
         assert_tree_close({k: x[i] for k, x in batched.items()}, single, **tol)
+
+
+# --- the empirical and MC products' two routes: taps and jvp/vjp -------------------------------------
+
+ROUTES = ("auto", "taps", "generic")
+# cases whose every parameter the taps serve position by position (no attention): per="token" through them too
+PER_POSITION = {c.name for c in CASES if c.family is None}
+
+
+def gradient_product(b, v, per: str, engine: str, kind: str = "empirical", normalize: str = "samples", batch=None):
+    batch = b.batch if batch is None else batch
+    if kind == "empirical":
+        return ffx.empirical_fisher_vp(b.problem, b.params, batch, v, normalize=normalize, per=per, engine=engine)
+    return ffx.mc_fisher_vp(b.problem, b.params, batch, v, n_samples=2, generator=generator(7), normalize=normalize,
+                            per=per, engine=engine)
+
+
+@pytest.mark.parametrize("engine", ROUTES)
+@pytest.mark.parametrize("per", ("sample", "token"))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_empirical_routes_equal_dense(case: Case, per: str, engine: str):
+    """Every route of ``empirical_fisher_vp`` is the dense empirical Fisher times ``v``; ``engine="taps"``
+    refuses, naming them, the parameters whose layers mix positions (attention) for ``per="token"``."""
+    b = build(case)
+    v = probes(b.params)
+    which = {"sample": "empirical", "token": "empirical-token"}[per]
+    if engine == "taps" and per == "token" and case.name not in PER_POSITION:
+        with pytest.raises(ffx.FisherError, match=r"engine='taps' cannot serve '.*feeds the losses of several"):
+            gradient_product(b, v, per, engine)
+        return
+    assert_product_close(case, gradient_product(b, v, per, engine), expected(case, which, v, "samples"))
+
+
+@pytest.mark.parametrize("per", ("sample", "token"))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_mc_routes_agree(case: Case, per: str):
+    """The same generator state draws the same labels in both routes, so the MC products agree."""
+    b = build(case)
+    v = probes(b.params)
+    engine = "taps" if per == "sample" or case.name in PER_POSITION else "auto"
+    taps_route = gradient_product(b, v, per, engine, kind="mc")
+    assert_product_close(case, taps_route, gradient_product(b, v, per, "generic", kind="mc"))
+
+
+class Mixed(nn.Module):
+    """A parameter the taps serve (``a``, ``b.bias``), one no tapped layer holds (PReLU's) and a weight also
+    used outside its layer (``b.weight``): a product of both routes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(4, 5), nn.PReLU(5, init=0.3), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.a(x))
+        return self.b(h) + 0.5 * torch.tanh(h @ self.b.weight.T)
+
+
+@functools.cache
+def mixed_case():
+    torch.manual_seed(0)
+    model = Mixed().double().eval()
+    g = generator(12)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    problem, params = ffx.supervised(model, ffx.Categorical()), ffx.params_of(model)
+    nlls = testing.supervised_nlls(model, ffx.Categorical(), x, y)
+    return problem, params, (x, y), testing.empirical_fisher(testing.loop_grads(nlls, params, "sample"), params, 1)
+
+
+@pytest.mark.parametrize("k", (None, K))
+def test_a_mix_of_routes_is_the_exact_sum(k: int | None):
+    """``s_n`` adds the taps' and the jvp's parts before each route pulls it back: the dense product, exactly."""
+    problem, params, batch, dense_ef = mixed_case()
+    served = ffx.explain(problem, params, batch)
+    assert {r.name for r in served.rows if r.engine == "generic"} == {"act.weight", "b.weight"}  # a real mix
+    v = probes(params, k=k)
+    want = vectors.unflatten(vectors.flatten(v, params) @ dense_ef / batch[0].shape[0], params)
+    got = ffx.empirical_fisher_vp(problem, params, batch, v)
+    assert_tree_close(got, want, **FLOAT64_TOL)
+    with pytest.raises(ffx.FisherError, match=r"engine='taps' cannot serve 'act\.weight'"):
+        ffx.empirical_fisher_vp(problem, params, batch, v, engine="taps")
+    mc = {e: ffx.mc_fisher_vp(problem, params, batch, v, n_samples=3, generator=generator(5), engine=e)
+          for e in ("auto", "generic")}
+    assert_tree_close(mc["auto"], mc["generic"], **FLOAT64_TOL)
+
+
+@pytest.mark.parametrize("k", (None, K))
+@pytest.mark.parametrize("engine", ROUTES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_hessian_routes_equal_dense(case: Case, engine: str, k: int | None):
+    """Every route of ``hvp``, for one vector and ``K``, is the dense Hessian times ``v``."""
+    b = build(case)
+    v = probes(b.params, k=k)
+    got = ffx.hvp(b.problem, b.params, b.batch, v, engine=engine)
+    assert_product_close(case, got, expected(case, "hessian", v, "samples"))
+
+
+@pytest.mark.parametrize("k", (None, K))
+def test_hessian_mix_is_exact(k: int | None):
+    """Parameters no recorded layer call accounts for enter ``⟨∇L, v⟩`` through their own gradient."""
+    problem, params, batch, _ = mixed_case()
+    model = problem.model
+    x, y = batch
+    nlls = testing.supervised_nlls(model, ffx.Categorical(), x, y)
+    v = probes(params, k=k)
+    want = vectors.unflatten(vectors.flatten(v, params) @ testing.hessian_matrix(nlls, params, count=1) / x.shape[0],
+                             params)
+    assert_tree_close(ffx.hvp(problem, params, batch, v), want, **FLOAT64_TOL)
+    with pytest.raises(ffx.FisherError, match=r"engine='taps' cannot serve 'act\.weight', 'b\.weight'"):
+        ffx.hvp(problem, params, batch, v, engine="taps")
+
+
+@pytest.mark.parametrize("engine", ("taps", "generic"))
+def test_routes_with_lists_subsets_and_normalizations(engine: str):
+    """A list of batches, a parameter subset and each normalisation, through each route (per position too)."""
+    case = BY_NAME["embed-layernorm-tokens"]
+    b = build(case)
+    names = ["embed.weight", "head.bias"]
+    sub = {k: b.params[k] for k in names}
+    v = probes(sub)
+    x, y = b.batch
+    for per, which in (("sample", "empirical"), ("token", "empirical-token")):
+        for normalize in NORMALIZES:
+            got = ffx.empirical_fisher_vp(b.problem, sub, [(x[:1], y[:1]), (x[1:], y[1:])], v, normalize=normalize,
+                                          per=per, engine=engine)
+            full_v = {**v, **{k: torch.zeros(K, *p.shape, dtype=p.dtype) for k, p in b.params.items() if k not in sub}}
+            want = expected(case, which, full_v, normalize)
+            assert_tree_close(got, {k: want[k] for k in names}, **case.tol)
+
+
+def test_unknown_engine_is_refused(mlp):
+    problem, params, batch = mlp
+    with pytest.raises(ffx.FisherError, match="engine must be"):
+        ffx.empirical_fisher_vp(problem, params, batch, probes(params, k=None), engine="jvp")
 
 
 # --- diagonals are the estimators' values ----------------------------------------------------------
@@ -286,18 +419,26 @@ def small_batch(likelihood: str, n: int, seed: int):
     return x, torch.randint(0, 2, (n, 2), generator=g).double()
 
 
-FNS = {"ggn": ffx.ggn_vp, "empirical": ffx.empirical_fisher_vp, "hessian": ffx.hvp}
+FNS = {"ggn": ffx.ggn_vp, "empirical": ffx.empirical_fisher_vp, "hessian": ffx.hvp,
+       "mc": functools.partial(ffx.mc_fisher_vp, n_samples=1)}  # one draw: a split batch draws the same labels
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(likelihood=st.sampled_from(["categorical", "gaussian", "bernoulli"]), which=st.sampled_from(sorted(FNS)),
-       n=st.integers(1, 6), seed=st.integers(0, 2**16), split=st.integers(1, 5))
-def test_invariants(likelihood: str, which: str, n: int, seed: int, split: int):
-    """Symmetry ``uᵀAv = vᵀAu``, ``vᵀAv ≥ 0`` for the GGN and empirical Fisher, linearity, splits combine."""
+       n=st.integers(1, 6), seed=st.integers(0, 2**16), split=st.integers(1, 5), engine=st.sampled_from(ROUTES))
+def test_invariants(likelihood: str, which: str, n: int, seed: int, split: int, engine: str):
+    """Symmetry ``uᵀAv = vᵀAu``, ``vᵀAv ≥ 0`` for the GGN and the empirical and MC Fisher, linearity, splits
+    combine (each route of the empirical, MC and Hessian products; MC with the same generator state in every
+    call)."""
     model, problem = small_problem(likelihood)
     params = ffx.params_of(model)
     batch = small_batch(likelihood, n, seed)
-    fn = FNS[which]
+    options = {"engine": engine} if which in ("empirical", "mc", "hessian") else {}
+
+    def fn(*args):
+        extra = {"generator": generator(seed)} if which == "mc" else {}
+        return FNS[which](*args, **options, **extra)
+
     uv = probes(params, k=2, seed=seed)
     out = fn(problem, params, batch, uv)
     u, v = ({k: x[i] for k, x in uv.items()} for i in (0, 1))

@@ -45,6 +45,8 @@ class Use(NamedTuple):
     b: Callable[[int, int], Tensor] | None
     size: tuple[int, ...]  # (o, i) for outer/index, (d,) for vector
     grads: Callable[[int, int], Tensor] | None = None  # outer: Σ_p a_p b_pᵀ of units lo:hi, [c, o, i], directly
+    inner: Callable[[Tensor, bool], Tensor] | None = None  # outer: V [K, o, i] -> ⟨a_p b_pᵀ, V_k⟩ [N, P, K] directly
+    weighted: Callable[[Tensor], Tensor] | None = None  # outer: w [N, P or 1, K] -> Σ_p w_{p,k} a_p b_pᵀ [K, o, i]
 
 
 def loaded_class(module: str, name: str) -> type | None:
@@ -185,6 +187,55 @@ def conv_grads(module: nn.Module, x: Tensor, g: Tensor, lo: int, hi: int) -> Ten
     return torch.func.vmap(one)(x, grad_out).reshape(hi - lo, o, -1)
 
 
+def _padded(module: nn.Module, x: Tensor) -> Tensor:
+    """A Conv1d/Conv2d input padded as the module pads it (the convolutions below then pad nothing)."""
+    pads = _conv_pads(module, x.ndim - 2)
+    if not any(pads):
+        return x
+    return F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+
+
+def _native(g: Tensor, n: int, shape: tuple[int, ...]) -> Tensor:
+    """An output gradient ``[N, P, o]`` (:func:`out_view`) back in the convolution's ``[N, o, *S]`` layout."""
+    return g.transpose(1, 2).reshape(n, g.shape[2], *shape)
+
+
+def conv_inner(module: nn.Module, x: Tensor, g: Tensor, v: Tensor, summed: bool = False) -> Tensor:
+    """``⟨g_p unfold(x)_pᵀ, V_k⟩`` ``[N, P, K]`` of a Conv1d/Conv2d for ``v`` ``[K, o, c·k…]``: the convolution of
+    ``x`` with the ``K·o`` filters ``[V_1;…;V_K]`` (one call), times ``g`` at each position (``summed``: summed
+    over the positions, ``[N, 1, K]``).
+    """
+    n, p, o = g.shape
+    k = v.shape[0]
+    xp = _padded(module, x)
+    conv = F.conv1d if xp.ndim == 3 else F.conv2d
+    y = conv(xp, v.reshape(k * o, *module.weight.shape[1:]).to(xp.dtype), None, module.stride, 0, module.dilation)
+    gn = _native(g, n, tuple(y.shape[2:])).to(y.dtype)
+    if summed:
+        return (y.view(n, k, o * p) * gn.reshape(n, 1, o * p)).sum(2)[:, None]
+    return (y.view(n, k, o, p) * gn.view(n, 1, o, p)).sum(2).transpose(1, 2)
+
+
+def conv_weighted(module: nn.Module, x: Tensor, g: Tensor, w: Tensor) -> Tensor:
+    """``Σ_{n,p} w_{n,p,k} g_p unfold(x)_pᵀ`` ``[K, o, c·k…]`` of a Conv1d/Conv2d for weights ``w`` ``[N, P, K]``
+    (or ``[N, 1, K]``, the same at every position): one weight gradient of the convolution with ``K·o`` output
+    channels and output gradient ``w_k ⊙ g``.
+    """
+    n, p, o = g.shape
+    k = w.shape[2]
+    xp = _padded(module, x)
+    dims = xp.ndim - 2
+    spatial = [(xp.shape[2 + j] - module.dilation[j] * (module.kernel_size[j] - 1) - 1) // module.stride[j] + 1
+               for j in range(dims)]
+    gn = _native(g, n, tuple(spatial)).to(w.dtype)
+    grad_out = (w.transpose(1, 2)[:, :, None, :] * gn.reshape(n, 1, o, p)).reshape(n, k * o, *spatial)
+    weight = xp.new_empty((k * o, *module.weight.shape[1:]))
+    xp = xp.to(w.dtype)
+    grads = torch.ops.aten.convolution_backward(grad_out, xp, weight.to(w.dtype), None, list(module.stride), [0] * dims,
+                                                list(module.dilation), False, [0] * dims, 1, [False, True, False])[1]
+    return grads.reshape(k, o, -1)
+
+
 def normalised(module: nn.Module, x: Tensor, k: Kinds) -> Tensor:
     """``x̂``: the input of a LayerNorm/RMSNorm normalised as the module's forward does it."""
     if isinstance(module, nn.LayerNorm):
@@ -238,7 +289,8 @@ def uses(module: nn.Module, x: Tensor, g: Tensor, keys: dict[str, str], k: Kinds
         if unfold(module, x[:1]).shape[1] != p:
             return {}
         out[name] = Use("outer", g, lambda lo, hi: unfold(module, x[lo:hi]), (o, i),
-                        lambda lo, hi: conv_grads(module, x, g, lo, hi))
+                        lambda lo, hi: conv_grads(module, x, g, lo, hi),
+                        lambda v, summed: conv_inner(module, x, g, v, summed), lambda w: conv_weighted(module, x, g, w))
     elif isinstance(module, nn.Embedding):
         if x.numel() != n * p:
             return {}
@@ -262,5 +314,6 @@ def uses(module: nn.Module, x: Tensor, g: Tensor, keys: dict[str, str], k: Kinds
     return out
 
 
-__all__ = ["NORMS", "Kinds", "Use", "conv_grads", "kinds", "normalised", "out_view", "position_shape", "recompute",
+__all__ = ["NORMS", "Kinds", "Use", "conv_grads", "conv_inner", "conv_weighted", "kinds", "normalised", "out_view",
+           "position_shape", "recompute",
            "supported", "unfold", "uses"]

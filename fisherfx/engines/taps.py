@@ -30,7 +30,7 @@ gradient; otherwise the generic engine must serve it (``engine="auto"`` does tha
 
 import math
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -63,6 +63,13 @@ class Request(NamedTuple):
     sizes: Mapping[str, int] = {}  # never mutated (a NamedTuple default is shared); kept picklable
     mask: bool = False
     factors: kfac_taps.FactorRequest | None = None
+
+
+Consumer = Callable[[int, int, dict[str, list[tuple[Use, Tensor | None]]]], None]
+"""``consume(offset, draw, uses)``: the uses of one output vector (``draw``) for the samples ``offset + …``
+of the batch, ``{name: [(Use, positions)]}`` with ``positions`` ``[N, P]`` the canonical position each
+layer position feeds (units are active positions), or ``None`` (units are samples). The uses stay
+valid after the call."""
 
 
 class Result(NamedTuple):
@@ -435,6 +442,7 @@ def estimate(
     where: str = "taps",
     split_positions: bool = False,
     index: ModelIndex | None = None,
+    consume: "Consumer | None" = None,
 ) -> Result:
     """Sums over units of the requested estimators, for the parameters the taps can serve.
 
@@ -455,32 +463,43 @@ def estimate(
         split_positions: each output vector becomes one vector per active position
             (:class:`._tap_kfac.PositionSplit`) and units are samples: K-FAC's ``kind="exact"``.
         index: the model's :func:`~fisherfx._walk.walk`, when the caller has one.
+        consume: instead of the requested estimators, hand every output vector's uses to this
+            :data:`Consumer` (the curvature products of :mod:`._tap_products`); ``requests`` then only
+            name the parameters.
 
     Returns:
         :class:`Result`: ``sums`` ``{name: [*P] or [G...]}``, not normalised and for ``mc`` not
         divided by ``S``; ``missing`` ``{name: reason}`` for the parameters left to the generic engine.
+        With ``consume``, ``sums`` holds a zero scalar per parameter served (its uses went to ``consume``).
 
     Raises:
         FisherError: non-finite outputs, or random numbers drawn in the forward (dropout in train mode).
 
     """
     n, t = prepared.active.shape
-    per_position = (not split_positions and t > 1 and (per == "token" or kind == "exact")
-                    and int(prepared.active.sum(1).max()) > 1)
+    per_position = not split_positions and units_are_positions(prepared, kind, per)
     cut = None if per_position else split_point(prepared)
     index = walk(problem.model) if index is None else index
     if cut is None:
         return _estimate(problem, params, prepared, requests, kind=kind, per_position=per_position, noise=noise,
                          dtype=dtype, chunk_size=chunk_size, where=where, split_positions=split_positions,
-                         index=index)
+                         index=index, consume=consume)
     parts = [_estimate(problem, params, _part(prepared, lo, hi), requests, kind=kind, per_position=False,
                        noise=None if noise is None else noise[:, lo:hi], dtype=dtype, chunk_size=chunk_size,
-                       where=where, offset=lo, split_positions=split_positions, index=index)
+                       where=where, offset=lo, split_positions=split_positions, index=index, consume=consume)
              for lo, hi in ((0, cut), (cut, n))]
     missing = {**parts[1].missing, **parts[0].missing}
     sums = {name: kfac_taps.add(parts[0].sums[name], parts[1].sums[name], requests[name].factors) for name in requests
             if name in parts[0].sums and name in parts[1].sums}
     return Result(sums, {name: missing[name] for name in requests if name not in sums}, parts[0].width)
+
+
+def units_are_positions(prepared: Prepared, kind: str, per: str) -> bool:
+    """Whether the units of :func:`estimate` are active positions (``per="token"`` or ``kind="exact"`` with some
+    sample holding several), which the engine checks with two extra backwards per call.
+    """
+    active = prepared.active
+    return active.shape[1] > 1 and (per == "token" or kind == "exact") and int(active.sum(1).max()) > 1
 
 
 def split_point(prepared: Prepared) -> int | None:
@@ -552,7 +571,7 @@ _PLAIN_TYPES = (Tensor, nn.Parameter)  # not tensor subclasses (DTensor, ...): t
 def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request],
            order: list[str], owners: _Owners, missing: dict[str, str], k: layers.Kinds, *, kind: Kind,
            noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str, index: ModelIndex,
-           offset: int) -> Result | None:
+           offset: int, consume: "Consumer | None" = None) -> Result | None:
     """The tap engine's pass where no check of the full pass can fail, or ``None`` (then the full pass runs).
 
     It applies to layers whose forward is PyTorch's own (their formulas hold by construction), each
@@ -613,11 +632,12 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
     for r in range(draws):
         grads = torch.autograd.grad(outputs, [c.y for c in calls], vectors[r], retain_graph=r < draws - 1,
                                     allow_unused=True)
+        found: dict[str, list[tuple[Use, None]]] = {}
         for c, g in zip(calls, grads, strict=True):
             if g is None:  # every name passed the graph check: each call's output reaches the outputs
                 raise RuntimeError(f"{where}: tap engine invariant broken: a covered layer's output got no gradient "
                                    "(please report)")
-            parts = _linear_squares(c, g, requests, params, plans, dtype)
+            parts = None if consume is not None else _linear_squares(c, g, requests, params, plans, dtype)
             if parts is not None:
                 for name, part in parts.items():
                     sums[name] = part if name not in sums else sums[name] + part
@@ -628,10 +648,18 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
                 if name not in made:
                     raise RuntimeError(f"{where}: tap engine invariant broken: the plain pass cannot read the "
                                        f"gradient of {name!r} per sample (please report)")
+                if consume is not None:
+                    found.setdefault(name, []).append((made[name], None))
+                    continue
                 if name not in plans:
                     plans[name] = _plan([made[name]], requests[name], params[name], dtype, prepared.active)
                 part = _accumulate([made[name]], plans[name][0], dtype, chunk_size, ws)
                 sums[name] = part if name not in sums else sums[name] + part
+        if consume is not None:
+            consume(offset, r, found)
+    if consume is not None:
+        return Result({name: outputs.new_zeros((), dtype=dtype) for name in order},
+                      {name: missing[name] for name in requests if name in missing}, outputs.shape[-1])
     out = {}
     for name in order:
         post, value = plans[name][1], sums[name]
@@ -691,7 +719,8 @@ def _check_forward(where: str, problem: Problem, outputs: Tensor, prepared: Prep
 
 def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request], *,
               kind: Kind, per_position: bool, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None,
-              where: str, index: ModelIndex, offset: int = 0, split_positions: bool = False) -> Result:
+              where: str, index: ModelIndex, offset: int = 0, split_positions: bool = False,
+              consume: "Consumer | None" = None) -> Result:
     """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages); with
     ``per_position`` each active position is a unit of its own.
     """
@@ -704,7 +733,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
         return Result({}, missing)
     if not per_position and not split_positions:
         plain = _plain(problem, params, prepared, requests, order, owners, missing, k, kind=kind, noise=noise,
-                       dtype=dtype, chunk_size=chunk_size, where=where, index=index, offset=offset)
+                       dtype=dtype, chunk_size=chunk_size, where=where, index=index, offset=offset, consume=consume)
         if plain is not None:
             return plain
     leaves = {name: params[name].detach().requires_grad_() for name in order}
@@ -743,7 +772,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
             if run.final:  # the call's tensors are not needed again: autograd may free them as it goes
                 call.x = call.y = call.x_graph = None
 
-        streamed = set() if per_position else run.stream(todo, check, sink)
+        streamed = set() if per_position or consume is not None else run.stream(todo, check, sink)
         found = run.first_draw(todo, vectors[0], missing, tol, last=draws == 1 and not check)
         todo = [name for name in todo if name not in missing]
         check = sorted(i for i in check if set(run.calls[i].keys.values()) & set(todo))
@@ -753,7 +782,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                 missing.setdefault(name, MIXING if per_position else NO_SAMPLES)
         todo = [name for name in todo if name not in missing]
         plans.update({name: _plan([u for _, u in found[name]], requests[name], params[name], dtype, active)
-                      for name in todo if name not in streamed})
+                      for name in todo if name not in streamed and consume is None})
         calls_of = {name: [i for i, _ in found.get(name, [])] for name in todo}
         for r in range(draws):
             if r > 0:
@@ -764,6 +793,11 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                     if [i for i, _ in found.get(name, [])] != calls_of[name] or not fired:
                         raise RuntimeError(f"{where}: tap engine invariant broken: draw {r} reached other calls "
                                            f"of {name!r} than draw 0 (please report)")
+            if consume is not None:
+                consume(offset, r, {name: [(u, probes[i][2] if per_position else None) for i, u in found.get(name, [])]
+                                    for name in todo})
+                found = {}
+                continue
             for name in todo:
                 if name in streamed:
                     continue
@@ -774,6 +808,10 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                     part = _accumulate(use_list, plans[name][0], dtype, cap, ws)
                     sums[name] = part if name not in sums else sums[name] + part
             found = {}
+    if consume is not None:
+        sums = {name: outputs.new_zeros((), dtype=dtype) for name in (*todo, *zero)}
+        return Result(sums, {name: missing[name] for name in requests if name in missing and name not in sums},
+                      outputs.shape[-1])
     out = {}
     for name in todo:
         if name not in sums:  # no unit reached it (all its gradients were zero)
@@ -787,4 +825,4 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                   outputs.shape[-1])
 
 
-__all__ = ["Request", "Result", "estimate"]
+__all__ = ["Consumer", "Request", "Result", "estimate", "units_are_positions"]
