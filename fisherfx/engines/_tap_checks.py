@@ -14,6 +14,7 @@
   position.
 """
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -216,6 +217,24 @@ def sums_match(use_list: list[Use], grad: Tensor | None, gen: torch.Generator, d
     return bool(((got - want).abs() <= tol * (scale + want_scale) + 1e-30).all())
 
 
+def _scalars(n: int, t: int, per_position: bool, tol: float, gen: torch.Generator) -> Tensor:
+    """The probe's scalars ``c`` ``[N, T]`` (per position) or ``[N, 1]`` (per sample), float64.
+
+    Any two that a layer could mix (the positions of one sample, or the samples) differ by a factor
+    ``b`` of at least ``1 + 10·tol`` (random values in ``[1, 2)`` can fall within a low-precision
+    model's tolerance of each other), and they spread over a range of ``10³`` where there are few:
+    the powers ``b^k`` of a random order of them, ``b = max(1 + 10·tol, 1000^(1/(count − 1)))``.
+    Exponents wrap around beyond a range of ``10⁶``.
+    """
+    count = t if per_position else n
+    base = max(1 + 10 * tol, 1e3 ** (1 / max(count - 1, 1)))
+    wrap = max(2, int(math.log(1e6) / math.log(base)) + 1)
+    shape = (n, t) if per_position else (1, n)
+    rank = torch.argsort(torch.rand(shape, generator=gen, dtype=torch.float64, device=gen.device), dim=1)
+    c = base ** (rank % wrap).to(torch.float64)
+    return c if per_position else c.reshape(n, 1)
+
+
 def probe(calls: list, check: list[int], outputs: Tensor, active: Tensor, backward: Callable[[Tensor], None],
           per_position: bool, k: layers.Kinds, tol: float) -> dict[int, tuple[bool, Tensor, Tensor]]:
     """Which calls scale their output gradient by a single position's (or sample's) scalar.
@@ -239,7 +258,7 @@ def probe(calls: list, check: list[int], outputs: Tensor, active: Tensor, backwa
     gen = torch.Generator(device=outputs.device).manual_seed(0)
     z = torch.randn(outputs.shape, generator=gen, dtype=torch.float64, device=gen.device).to(outputs)
     z = z * active[..., None].to(z.dtype)
-    c = 1 + torch.rand((n, t if per_position else 1), generator=gen, dtype=torch.float64, device=gen.device)
+    c = _scalars(n, t, per_position, tol, gen)
     backward(z)
     before = {i: layers.out_view(calls[i].module, calls[i].g, k) for i in check if calls[i].g is not None}
     backward(z * c.expand(n, t)[..., None].to(z.dtype))
