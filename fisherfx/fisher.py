@@ -162,15 +162,13 @@ def output_width(where: str, problem: Problem, params: Mapping[str, Tensor], pre
     return out.shape[-1]
 
 
-def _finish(where: str, sums: dict[str, Tensor], scale: float, count: Tensor, storage_dtype, device,
+def _finish(where: str, value: dict[str, Tensor], count: Tensor, storage_dtype, device,
             made: Provenance) -> Estimate:
-    """The estimate from the engines' fresh sums (scaled in place: they are not used again)."""
-    bad = non_finite(sums)  # one reduction for all
+    """The estimate from the engines' values (normalised by them), checked finite."""
+    bad = non_finite(value)  # one reduction for all
     if bad is not None:
         raise FisherError(f"{where}: non-finite gradients for parameter {bad!r} (inf or NaN in the loss or the "
                           "model)")
-    factor = scale / float(count)
-    value = sums if factor == 1.0 else {name: s.mul_(factor) for name, s in sums.items()}
     return _store(Estimate(value, count, made), storage_dtype, device)
 
 
@@ -199,19 +197,22 @@ def _fixing(problem: Problem, params: Mapping[str, Tensor], rest: Mapping[str, T
 
 def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, request: Any, reduce: Any, *,
              kind: str, per: str, engine: str, dtype: torch.dtype, chunk_size: int | None,
-             names: list[str] | None = None, index: ModelIndex | None = None) -> dict[str, Tensor]:
-    """Unnormalised sums: the tap engine where it serves (``auto``, ``taps``), the generic for the rest.
+             names: list[str] | None = None, index: ModelIndex | None = None,
+             scale: float = 1.0) -> dict[str, Tensor]:
+    """Sums times ``scale``: the tap engine where it serves (``auto``, ``taps``), the generic for the rest.
 
     The model is evaluated at ``params``; the sums are for ``names`` (default: all of ``params``).
     ``request(name)`` is the tap engine's :class:`~fisherfx.engines.taps.Request`, ``reduce`` the
-    generic engine's reducer of the same quantity.
+    generic engine's reducer of the same quantity. Both engines scale their output vectors by
+    ``√scale``, so a normaliser costs no pass over the results.
     """
     names = list(params) if names is None else names
     sums: dict[str, Tensor] = {}
     width = None
     if engine != "generic":
         result = taps.estimate(problem, params, b.prepared, {k: request(k) for k in names}, kind=kind, per=per,
-                               noise=b.noise, dtype=dtype, chunk_size=chunk_size, where=where, index=index)
+                               noise=b.noise, dtype=dtype, chunk_size=chunk_size, where=where, index=index,
+                               scale=scale)
         if engine == "taps" and result.missing:
             raise FisherError(f"{where}: engine='taps' cannot serve "
                               + "; ".join(f"{k!r}: {why}" for k, why in result.missing.items())
@@ -222,7 +223,8 @@ def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, 
         width = output_width(where, problem, params, b.prepared)
     if rest:
         sums.update(generic.map_samples(_fixing(problem, params, rest), rest, b.prepared, reduce, kind=kind,
-                                        per=per, noise=b.noise, chunk_size=chunk_size, width=width, where=where))
+                                        per=per, noise=b.noise, chunk_size=chunk_size, width=width, where=where,
+                                        scale=scale))
     return {k: sums[k] for k in names}
 
 
@@ -246,11 +248,12 @@ def _estimate(where: str, problem: Problem, params: Mapping[str, Tensor], batch:
     index = walk(problem.model)
     params = check_params(where, problem, params, index=index)
     b = prepare_batch(where, problem, params, batch, kind, n_samples, generator, normalize, index=index)
+    scale = (1.0 / n_samples if kind == "mc" else 1.0) / float(b.count)
     sums = _engines(where, problem, params, b, request, make_reduce(dtype, params), kind=kind, per=per,
-                    engine=engine, dtype=dtype, chunk_size=chunk_size, names=names, index=index)
+                    engine=engine, dtype=dtype, chunk_size=chunk_size, names=names, index=index, scale=scale)
     made = provenance(quantity, kind=kind, per=per, normalize=normalize, n_samples=n_samples, dtype=dtype,
                       groups=groups, params=params)
-    return _finish(where, sums, 1.0 / n_samples if kind == "mc" else 1.0, b.count, storage_dtype, device, made)
+    return _finish(where, sums, b.count, storage_dtype, device, made)
 
 
 def diag_fisher(

@@ -124,6 +124,7 @@ def map_samples(
     width: int,
     stack: bool = False,
     where: str = "generic engine",
+    scale: float = 1.0,
 ) -> dict[str, Tensor]:
     """Apply ``reduce`` to each sample's gradient vectors and sum (or stack) over samples.
 
@@ -141,6 +142,7 @@ def map_samples(
         width: ``C``, the model's outputs per position.
         stack: stack the per-sample results ``[N, J, ...]`` instead of summing them.
         where: the public function, for messages.
+        scale: the sums come out multiplied by it.
 
     Returns:
         ``{name: Tensor}``, summed over samples (or stacked).
@@ -231,4 +233,4 @@ def map_samples(
             bar.close()
     if stack:
         return {name: torch.cat([p[name] for p in pieces]) for name in pieces[0]}
-    return total
+    return total if scale == 1.0 else {name: value.mul_(scale) for name, value in total.items()}

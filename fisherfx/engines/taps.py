@@ -443,6 +443,7 @@ def estimate(
     split_positions: bool = False,
     index: ModelIndex | None = None,
     consume: "Consumer | None" = None,
+    scale: float = 1.0,
 ) -> Result:
     """Sums over units of the requested estimators, for the parameters the taps can serve.
 
@@ -463,6 +464,9 @@ def estimate(
         split_positions: each output vector becomes one vector per active position
             (:class:`._tap_kfac.PositionSplit`) and units are samples: K-FAC's ``kind="exact"``.
         index: the model's :func:`~fisherfx._walk.walk`, when the caller has one.
+        scale: every sum comes out multiplied by it, e.g. the normaliser ``1/Z`` (a ``Linear`` with one
+            position per sample scales its ``g²`` once for weight and bias). Estimators only: not with
+            ``consume`` or K-FAC factors.
         consume: instead of the requested estimators, hand every output vector's uses to this
             :data:`Consumer` (the curvature products of :mod:`._tap_products`); ``requests`` then only
             name the parameters.
@@ -483,10 +487,11 @@ def estimate(
     if cut is None:
         return _estimate(problem, params, prepared, requests, kind=kind, per_position=per_position, noise=noise,
                          dtype=dtype, chunk_size=chunk_size, where=where, split_positions=split_positions,
-                         index=index, consume=consume)
+                         index=index, consume=consume, scale=scale)
     parts = [_estimate(problem, params, _part(prepared, lo, hi), requests, kind=kind, per_position=False,
                        noise=None if noise is None else noise[:, lo:hi], dtype=dtype, chunk_size=chunk_size,
-                       where=where, offset=lo, split_positions=split_positions, index=index, consume=consume)
+                       where=where, offset=lo, split_positions=split_positions, index=index, consume=consume,
+                       scale=scale)
              for lo, hi in ((0, cut), (cut, n))]
     missing = {**parts[1].missing, **parts[0].missing}
     sums = {name: kfac_taps.add(parts[0].sums[name], parts[1].sums[name], requests[name].factors) for name in requests
@@ -571,7 +576,7 @@ _PLAIN_TYPES = (Tensor, nn.Parameter)  # not tensor subclasses (DTensor, ...): t
 def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request],
            order: list[str], owners: _Owners, missing: dict[str, str], k: layers.Kinds, *, kind: Kind,
            noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str, index: ModelIndex,
-           offset: int, consume: "Consumer | None" = None) -> Result | None:
+           offset: int, consume: "Consumer | None" = None, scale: float = 1.0) -> Result | None:
     """The tap engine's pass where no check of the full pass can fail, or ``None`` (then the full pass runs).
 
     It applies to layers whose forward is PyTorch's own (their formulas hold by construction), each
@@ -627,6 +632,7 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
     vectors = output_vectors(problem, outputs, prepared, kind, noise)
     draws = vectors.shape[0]
     sums: dict[str, Tensor] = {}
+    scaled: set[str] = set()  # the sums that came out scaled already
     plans: dict[str, tuple] = {}
     ws = Workspace()
     for r in range(draws):
@@ -637,10 +643,11 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
             if g is None:  # every name passed the graph check: each call's output reaches the outputs
                 raise RuntimeError(f"{where}: tap engine invariant broken: a covered layer's output got no gradient "
                                    "(please report)")
-            parts = None if consume is not None else _linear_squares(c, g, requests, params, plans, dtype)
+            parts = None if consume is not None else _linear_squares(c, g, requests, params, plans, dtype, scale)
             if parts is not None:
                 for name, part in parts.items():
                     sums[name] = part if name not in sums else sums[name] + part
+                    scaled.add(name)
                 continue
             view = layers.out_view(c.module, g, k)
             made = {} if view is None or view.shape[0] != n else layers.uses(c.module, c.x, view, c.keys, k, dtype)
@@ -663,6 +670,8 @@ def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, r
     out = {}
     for name in order:
         post, value = plans[name][1], sums[name]
+        if scale != 1.0 and name not in scaled:
+            value = value.mul_(scale)
         out[name] = (value if value.shape == params[name].shape else value.reshape(params[name].shape)) \
             if post is None else post(value)
     return Result(out, {name: missing[name] for name in requests if name in missing}, outputs.shape[-1])
@@ -683,10 +692,11 @@ def _recording(module: nn.Module, hits: list) -> Any:
 
 
 def _linear_squares(c: _Hit, g: Tensor, requests: Mapping[str, Request], params: Mapping[str, Tensor],
-                    plans: dict[str, tuple], dtype: torch.dtype) -> dict[str, Tensor] | None:
+                    plans: dict[str, tuple], dtype: torch.dtype, scale: float = 1.0) -> dict[str, Tensor] | None:
     """A ``Linear`` call with one position per sample (``x`` ``[N, i]``, ``g`` ``[N, o]``): the diagonals
-    ``(g²)ᵀ(x²)`` and ``Σ g²`` of its weight and bias, or their row/column group sums, with ``g²`` formed
-    once for both; ``None`` for any other call or request (mask importance, K-FAC factors).
+    ``(g²)ᵀ(x²)`` and ``Σ g²`` of its weight and bias, or their row/column group sums, times ``scale``,
+    with ``scale·g²`` formed once for both; ``None`` for any other call or request (mask importance,
+    K-FAC factors).
     """
     if type(c.module) is not nn.Linear or g.ndim != 2 or c.x.ndim != 2:
         return None
@@ -694,6 +704,8 @@ def _linear_squares(c: _Hit, g: Tensor, requests: Mapping[str, Request], params:
     if any(requests[name].mask or requests[name].factors is not None for name in names):
         return None
     g2, x2, out = (g if g.dtype == dtype else g.to(dtype)).square(), None, {}
+    if scale != 1.0:
+        g2.mul_(scale)
     for attr, name in c.keys.items():
         size = (g.shape[1],) if attr == "bias" else (g.shape[1], c.x.shape[1])
         if name not in plans:
@@ -720,7 +732,7 @@ def _check_forward(where: str, problem: Problem, outputs: Tensor, prepared: Prep
 def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request], *,
               kind: Kind, per_position: bool, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None,
               where: str, index: ModelIndex, offset: int = 0, split_positions: bool = False,
-              consume: "Consumer | None" = None) -> Result:
+              consume: "Consumer | None" = None, scale: float = 1.0) -> Result:
     """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages); with
     ``per_position`` each active position is a unit of its own.
     """
@@ -733,7 +745,8 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
         return Result({}, missing)
     if not per_position and not split_positions:
         plain = _plain(problem, params, prepared, requests, order, owners, missing, k, kind=kind, noise=noise,
-                       dtype=dtype, chunk_size=chunk_size, where=where, index=index, offset=offset, consume=consume)
+                       dtype=dtype, chunk_size=chunk_size, where=where, index=index, offset=offset, consume=consume,
+                       scale=scale)
         if plain is not None:
             return plain
     leaves = {name: params[name].detach().requires_grad_() for name in order}
@@ -818,6 +831,8 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
             sums[name] = torch.zeros((), dtype=dtype, device=device)
         post = plans[name][1]
         out[name] = sums[name].reshape(params[name].shape) if post is None else post(sums[name])
+    if scale != 1.0:
+        out = {name: value.mul_(scale) for name, value in out.items()}
     for name in zero:
         z, request = torch.zeros_like(params[name], dtype=dtype), requests[name]
         out[name] = z if request.pattern is None else group_reduce(request.pattern, request.sizes)(z)
