@@ -48,6 +48,8 @@ Groups = Mapping[str, "Group | str"]
 
 def as_group(spec: "Group | str") -> Group:
     """A :class:`Group` from a group or a bare pattern string."""
+    if type(spec) is Group and type(spec.sizes) is dict:
+        return spec
     return Group(spec) if isinstance(spec, str) else Group(spec.pattern, dict(spec.sizes))
 
 

@@ -318,7 +318,10 @@ def make_plan(use_list: list[Use], request: Any, param: Tensor, dtype: torch.dty
     """
     shape = tuple(param.shape)
     if request.pattern is None:
-        return Plan("diag"), None
+        return _DIAG, None
+    if not request.mask:  # a pure function of the pattern and the shapes: cached
+        return _group_plan(request.pattern, tuple(sorted(request.sizes.items())), shape, tuple(use_list[0].size),
+                           param.device)
     reduce = group_reduce(request.pattern, request.sizes)
     groups = group_ids(request.pattern, dict(request.sizes), shape, use_list[0].size, param.device)
     theta = param.detach().to(dtype).reshape(use_list[0].size) if request.mask else None
@@ -329,6 +332,21 @@ def make_plan(use_list: list[Use], request: Any, param: Tensor, dtype: torch.dty
     axis, gid, count, out_shape = groups
     plan = Plan("mask_" + axis, gid, count, theta) if request.mask else Plan(axis, gid, count)
     return plan, lambda v: v if v.shape == out_shape else v.reshape(out_shape)
+
+
+_DIAG = Plan("diag")
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_plan(pattern: str, sizes_items: tuple, shape: tuple[int, ...], size: tuple[int, ...],
+                device: torch.device) -> tuple[Plan, Callable]:
+    """:func:`make_plan` of a group sum (no mask): the plan and its post-processing."""
+    groups = group_ids(pattern, dict(sizes_items), shape, size, device)
+    if groups is None:
+        reduce = group_reduce(pattern, dict(sizes_items))
+        return _DIAG, lambda d: reduce(d.reshape(shape))
+    axis, gid, count, out_shape = groups
+    return Plan(axis, gid, count), lambda v: v if v.shape == out_shape else v.reshape(out_shape)
 
 
 def group_reduce(pattern: str, sizes: Mapping[str, int]) -> Callable[[Tensor], Tensor]:
