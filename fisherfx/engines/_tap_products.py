@@ -159,16 +159,11 @@ class Collected:
         """
         k = next(iter(vectors.values())).shape[0]
         s = torch.zeros((self.r, self.n * self.slots, k), dtype=self.dtype, device=self.slot.device)
-        for r, parts in self.draws.items():
-            for offset, uses in parts:
-                for name, found in uses.items():
-                    if name not in served:
-                        continue
-                    for use, positions in found:
-                        part = inner(use, vectors[name].reshape(k, *use.size), self.dtype, positions is None)
-                        n = part.shape[0]  # part: [n, P or 1, K]
-                        index = self._units(offset, n, positions).expand(n, part.shape[1])
-                        s[r].index_add_(0, index.reshape(-1), part.reshape(-1, k))
+        for r, offset, name, use, positions in self._served(served):
+            part = inner(use, vectors[name].reshape(k, *use.size), self.dtype, positions is None)
+            n = part.shape[0]  # part: [n, P or 1, K]
+            index = self._units(offset, n, positions).expand(n, part.shape[1])
+            s[r].index_add_(0, index.reshape(-1), part.reshape(-1, k))
         return s.view(self.r, self.n, self.slots, k).permute(0, 3, 1, 2)
 
     def weighted(self, s: Tensor, shapes: Mapping[str, torch.Size], served: set[str]) -> dict[str, Tensor]:
@@ -178,17 +173,20 @@ class Collected:
         draws, k = s.shape[:2]
         flat = s.permute(0, 2, 3, 1).reshape(draws, self.n * self.slots, k)
         out: dict[str, Tensor] = {}
+        for r, offset, name, use, positions in self._served(served):
+            w = flat[r][self._units(offset, use.a.shape[0], positions)]  # [n, P or 1, K]
+            part = weighted(use, w, self.dtype).reshape(k, *shapes[name])
+            out[name] = part if name not in out else out[name] + part
+        return out
+
+    def _served(self, served: set[str]) -> Iterator[tuple[int, int, str, Use, Tensor | None]]:
+        """``(draw, offset, name, use, positions)`` of every collected use of a served parameter."""
         for r, parts in self.draws.items():
             for offset, uses in parts:
                 for name, found in uses.items():
-                    if name not in served:
-                        continue
-                    for use, positions in found:
-                        n = use.a.shape[0]
-                        w = flat[r][self._units(offset, n, positions)]  # [n, P or 1, K]
-                        part = weighted(use, w, self.dtype).reshape(k, *shapes[name])
-                        out[name] = part if name not in out else out[name] + part
-        return out
+                    if name in served:
+                        for use, positions in found:
+                            yield r, offset, name, use, positions
 
 
 __all__ = ["Collected", "inner", "weighted"]
