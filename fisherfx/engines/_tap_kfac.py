@@ -34,7 +34,7 @@ through the diagonal estimator of :mod:`._tap_estimators` on rotated inputs and 
 gradient (zero where every gradient lies in the span of ``A``'s rows).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -173,45 +173,46 @@ def _input_moments(uses: list[Use], request: FactorRequest, mask: Callable[[int]
     # fewer rows than inputs: the column [x, 1] costs less than a bordered copy of A
     column = request.ones and sum(u.a.shape[0] * u.a.shape[1] for u in uses) < width
     xx = xs = None
+    for m, full, lo, hi, p, x, g in _chunks(uses, masks, request, units):
+        x = g.new_zeros((hi - lo, p, 0), dtype=dtype) if x is None else x.to(dtype)
+        if not full:
+            x = x * m[lo:hi, :, None].to(dtype)
+        flat = x.reshape((hi - lo) * p, x.shape[-1])
+        if column:
+            flat = torch.cat([flat, m[lo:hi].reshape(-1, 1).to(dtype)], 1)
+        if xx is None:
+            xx = torch.addmm(flat.new_zeros(()), flat.T, flat, beta=0, alpha=alpha)
+        else:
+            xx.addmm_(flat.T, flat, alpha=alpha)
+        if request.ones and not column:
+            total = flat.sum(0) * alpha
+            xs = total if xs is None else xs + total
+    a = _bordered(xx, xs, float(rows > 0)) if request.ones and not column else xx
+    return a, torch.tensor(rows, dtype=torch.int64)
+
+
+def _chunks(uses: list[Use], masks: list[Tensor], request: FactorRequest,
+            units: int) -> Iterator[tuple[Tensor, bool, int, int, int, Tensor | None, Tensor]]:
+    """``(mask, every position counted, lo, hi, positions, x, g)`` of each use in chunks of units ``lo:hi``
+    (``x``, ``g`` as :func:`_sides` gives them).
+    """
     for u, m in zip(uses, masks, strict=True):
         p = u.a.shape[1]
         full = bool(m.all())
         step = _step(units, p * (sum(u.size) + 1))
         for lo in range(0, units, step):
             hi = min(lo + step, units)
-            x, g = _sides(u, request.transposed, lo, hi)
-            x = g.new_zeros((hi - lo, p, 0), dtype=dtype) if x is None else x.to(dtype)
-            if not full:
-                x = x * m[lo:hi, :, None].to(dtype)
-            flat = x.reshape((hi - lo) * p, x.shape[-1])
-            if column:
-                flat = torch.cat([flat, m[lo:hi].reshape(-1, 1).to(dtype)], 1)
-            if xx is None:
-                xx = torch.addmm(flat.new_zeros(()), flat.T, flat, beta=0, alpha=alpha)
-            else:
-                xx.addmm_(flat.T, flat, alpha=alpha)
-            if request.ones and not column:
-                total = flat.sum(0) * alpha
-                xs = total if xs is None else xs + total
-    a = _bordered(xx, xs, float(rows > 0)) if request.ones and not column else xx
-    return a, torch.tensor(rows, dtype=torch.int64)
+            yield (m, full, lo, hi, p, *_sides(u, request.transposed, lo, hi))
 
 
 def _input_rows(uses: list[Use], request: FactorRequest, masks: list[Tensor], dtype: torch.dtype,
                 rows: int) -> LowRank:
     """Expand, low-rank: ``A = (1/rows) Uᵀ U`` with ``U`` the counted rows ``x̃`` of every use (a fresh tensor)."""
-    units = uses[0].a.shape[0]
     parts = []
-    for u, m in zip(uses, masks, strict=True):
-        p = u.a.shape[1]
-        full = bool(m.all())
-        step = _step(units, p * (sum(u.size) + 1))
-        for lo in range(0, units, step):
-            hi = min(lo + step, units)
-            x, g = _sides(u, request.transposed, lo, hi)
-            fresh = request.ones or not full or x is None or x.dtype != dtype  # else a view of the layer's input
-            flat = _with_ones(x, g, request.ones, dtype).reshape((hi - lo) * p, -1)
-            parts.append((flat if full else flat[m[lo:hi].reshape(-1) > 0], fresh))
+    for m, full, lo, hi, p, x, g in _chunks(uses, masks, request, uses[0].a.shape[0]):
+        fresh = request.ones or not full or x is None or x.dtype != dtype  # else a view of the layer's input
+        flat = _with_ones(x, g, request.ones, dtype).reshape((hi - lo) * p, -1)
+        parts.append((flat if full else flat[m[lo:hi].reshape(-1) > 0], fresh))
     if len(parts) == 1 and parts[0][1]:
         return _factor.from_rows(parts[0][0], rows)  # no second copy
     return _factor.from_rows(torch.cat([part for part, _ in parts]), rows)
