@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 import fisherfx as ffx
+from fisherfx.engines import _tap_common as taps_common
 from fisherfx.engines import _tap_estimators as taps_estimators
+from fisherfx.engines import _tap_plain as taps_plain
 from fisherfx.engines import taps
 from fisherfx.fisher import prepare_batch
 from fisherfx.testing import assert_tree_close as assert_values_close
@@ -615,14 +617,14 @@ def plain_spy(monkeypatch):
     """Records, per call of the tap engine, whether its plain pass served it (``True``) or left it to
     the full pass (``False``)."""
     seen: list[bool] = []
-    plain = taps._plain
+    plain = taps_plain.plain
 
     def spy(*args, **kwargs):
         result = plain(*args, **kwargs)
         seen.append(result is not None)
         return result
 
-    monkeypatch.setattr(taps, "_plain", spy)
+    monkeypatch.setattr(taps_plain, "plain", spy)
     return seen
 
 
@@ -640,7 +642,7 @@ def test_full_pass_equals_generic_where_the_plain_pass_serves(case, kind, monkey
     plain = ffx.diag_fisher(problem, params, batch, generator=generator(0), **options)
     assert all(served is (case.name in PLAIN) for served in plain_spy)
     assert plain_spy or (kind == "exact" and _t(problem, batch) > 1)  # positions one by one: never plain
-    monkeypatch.setattr(taps, "_plain", lambda *args, **kwargs: None)
+    monkeypatch.setattr(taps_plain, "plain", lambda *args, **kwargs: None)
     full = ffx.diag_fisher(problem, params, batch, generator=generator(0), **options)
     want = ffx.diag_fisher(problem, params, batch, generator=generator(0), engine="generic", **options)
     assert_values_close(full.value, want.value, **TAPS_VS_GENERIC)
@@ -676,12 +678,12 @@ def test_plain_pass_any_mlp(n, widths, seed, kind, bias, which, given_as):
         def fn(engine):
             return estimator(problem, params, batch, spec, generator=generator(seed), engine=engine, **options)
     seen = []
-    plain = taps._plain
+    plain = taps_plain.plain
     try:
-        taps._plain = lambda *a, **k: seen.append(plain(*a, **k)) or seen[-1]
+        taps_plain.plain = lambda *a, **k: seen.append(plain(*a, **k)) or seen[-1]
         got = fn("taps")
     finally:
-        taps._plain = plain
+        taps_plain.plain = plain
     assert seen and all(r is not None for r in seen)
     assert_values_close(got.value, fn("generic").value, **TAPS_VS_GENERIC)
 
@@ -708,8 +710,8 @@ def test_plain_pass_falls_back_once_per_model_and_shape(factory, plain_spy, monk
     params = ffx.params_of(problem.model)
     batch = (randn(1, 5, 4), randint(2, 3, 5))
     forwards = []
-    guarded = taps.guarded_forward
-    monkeypatch.setattr(taps, "guarded_forward", lambda *a, **k: forwards.append(1) or guarded(*a, **k))
+    guarded = taps_common.guarded_forward
+    monkeypatch.setattr(taps_common, "guarded_forward", lambda *a, **k: forwards.append(1) or guarded(*a, **k))
     first = ffx.diag_fisher(problem, params, batch, dtype=F64)
     once = len(forwards)
     second = ffx.diag_fisher(problem, params, batch, dtype=F64)
@@ -734,7 +736,7 @@ def test_plain_pass_budget_and_frozen_parameters(plain_spy, monkeypatch):
     want = ffx.diag_fisher(problem, params, batch, dtype=F64, engine="generic")
     assert_values_close(ffx.diag_fisher(problem, params, batch, dtype=F64).value, want.value, **TAPS_VS_GENERIC)
     assert plain_spy == [True]
-    monkeypatch.setattr(taps, "PLAIN_BUDGET", 4)
+    monkeypatch.setattr(taps_plain, "PLAIN_BUDGET", 4)
     other = ffx.supervised(_build(lambda: _mlp(3)), ffx.Categorical())
     params = ffx.params_of(other.model)
     got = ffx.diag_fisher(other, params, batch, dtype=F64, engine="taps")

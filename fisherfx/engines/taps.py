@@ -26,66 +26,45 @@ gradient; otherwise the generic engine must serve it (``engine="auto"`` does tha
   single position, a distinct one for each of its positions;
 * **samples**: where a layer's position axes could also be read as samples (a length equal to
   ``N``), the same probe with per-sample scalars checks that the first axis is the sample axis.
+
+Models made of PyTorch's own layers, each called once, first try the *plain pass*
+(:mod:`._tap_plain`), which needs none of these hooks and probes; this module holds the *full pass*
+above and the entry point, :func:`estimate`. What both share is in :mod:`._tap_common`.
 """
 
-import math
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .._errors import FisherError
 from .._tree import map_tensors, tensors
 from .._walk import ModelIndex, walk
-from ..likelihoods import check_classes, check_shapes
-from ..problems import Prepared, Problem, forward_failure
+from ..problems import Prepared, Problem
 from . import _tap_checks as checks
+from . import _tap_common as common
 from . import _tap_kfac as kfac_taps
 from . import _tap_layers as layers
-from ._tap_estimators import Workspace, accumulate, group_reduce, grouped, make_plan, one_position, position_units
+from . import _tap_plain
+from ._tap_common import (  # the shared pieces, under the names other modules use
+    MIXED_FORMS,
+    MIXING,
+    NO_LAYER,
+    NO_SAMPLES,
+    OUTSIDE,
+    VECTOR_CHUNK,
+    Consumer,
+    Request,
+    Result,
+    check_outputs,
+    guarded_forward,
+    output_vectors,
+)
+from ._tap_estimators import Workspace, group_reduce, position_units
 from ._tap_layers import Use
-from .cotangents import Kind, position_vectors
-
-
-class Request(NamedTuple):
-    """What to estimate for one parameter.
-
-    ``pattern=None``: the diagonal ``[*P]``; otherwise, with ``R`` the einops ``sum`` reduction by
-    ``pattern`` and ``sizes``, the group sums ``R(diag)`` or, with ``mask=True``, the mask
-    importance ``Σ_u R(θ ⊙ G_u)²``. With ``factors`` (a :class:`._tap_kfac.FactorRequest`) instead:
-    the parameter's K-FAC factor sums (:class:`._tap_kfac.FactorSums`), or with a basis EKFAC's diagonal.
-    """
-
-    pattern: str | None = None
-    sizes: Mapping[str, int] = {}  # never mutated (a NamedTuple default is shared); kept picklable
-    mask: bool = False
-    factors: kfac_taps.FactorRequest | None = None
-
-
-Consumer = Callable[[int, int, dict[str, list[tuple[Use, Tensor | None]]]], None]
-"""``consume(offset, draw, uses)``: the uses of one output vector (``draw``) for the samples ``offset + …``
-of the batch, ``{name: [(Use, positions)]}`` with ``positions`` ``[N, P]`` the canonical position each
-layer position feeds (units are active positions), or ``None`` (units are samples). The uses stay
-valid after the call."""
-
-
-class Result(NamedTuple):
-    """Unnormalised sums for the parameters the taps serve, and why the others are not served."""
-
-    sums: dict[str, Tensor]  # a FactorSums for a factors request
-    missing: dict[str, str]
-    width: int | None = None  # C, the outputs per position, when the engine ran its forward (checked)
-
-
-def check_outputs(where: str, problem: Problem, outputs: Tensor, prepared: Prepared) -> None:
-    """Raise :class:`FisherError` unless the canonical ``outputs`` ``[N, T, C]`` fit the targets and
-    every active target is a value the likelihood can take.
-    """
-    check_shapes(problem.likelihood, outputs, prepared.targets, where)
-    check_classes(problem.likelihood, outputs, prepared.targets, prepared.active, where)
+from .cotangents import Kind
 
 
 class _Call:
@@ -183,108 +162,6 @@ def _broadcast_ok(call: _Call, n: int, tol: float) -> bool:
 def _flag(missing: dict[str, str], keys: Mapping[str, str], why: str) -> None:
     for name in keys.values():
         missing.setdefault(name, why)
-
-
-class _Owners(NamedTuple):
-    """The supported layers holding the requested parameters (see :func:`_owned`)."""
-
-    names: set[str]  # the requested names some supported layer holds (ties included)
-    holders: list[nn.Module]  # those layers, each once
-    keys: list[dict[str, str]]  # per holder, ``{"weight" | "bias": name}`` of the requested names it holds
-    plain: bool  # every holder runs PyTorch's own forward and every such name sits in one holder slot
-
-
-def _owned(index: ModelIndex, names: list[str], k: layers.Kinds) -> _Owners:
-    """The supported layers holding a requested name, in one pass over the model's modules."""
-    own = index.params
-    by_id = {id(own[n]): n for n in names}
-    out: set[str] = set()
-    holders, keys = [], []
-    slots = 0
-    plain = len(by_id) == len(names)  # no two requested names are one tensor
-    for module in index.modules:
-        if layers.supported(module, k):
-            held = {attr: by_id[id(t)] for attr in ("weight", "bias")
-                    if (t := module._parameters.get(attr)) is not None and id(t) in by_id}
-            if held:
-                out.update(held.values())
-                holders.append(module)
-                keys.append(held)
-                slots += len(held)
-                plain = plain and checks.trusted(module)
-    return _Owners(out, holders, keys, plain and slots == len(out))
-
-
-def _same_bytes(a: Tensor, b: Tensor) -> bool:
-    """``torch.equal`` of two byte tensors, compared 8 bytes at a time where their length allows."""
-    if a.numel() == b.numel() and a.numel() % 8 == 0:
-        a, b = a.view(torch.int64), b.view(torch.int64)
-    return torch.equal(a, b)
-
-
-def _restored(before: tuple, device: torch.device) -> bool:
-    """Whether the global random state moved since ``before`` (then it is put back)."""
-    cuda = device.type == "cuda"
-    moved = not _same_bytes(before[0], torch.get_rng_state()) or (
-        cuda and not _same_bytes(before[1], torch.cuda.get_rng_state(device)))
-    if moved:
-        torch.set_rng_state(before[0])
-        if cuda:
-            torch.cuda.set_rng_state(before[1], device)
-    return moved
-
-
-def guarded_forward(where: str, problem: Problem, values: Mapping[str, Tensor], inputs: Any, device: torch.device,
-                    batch_inputs: Any = None) -> Tensor:
-    """``problem.forward`` on ``inputs`` with the global random state kept: a forward that draws from it
-    (dropout in train mode) is refused and the state restored. A forward that raises becomes
-    :func:`~fisherfx.problems.forward_failure`'s error, which shows ``batch_inputs`` (default ``inputs``),
-    the batch's own shapes.
-    """
-    before = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    try:
-        outputs = problem.forward(problem.model, values, inputs)
-    except FisherError:
-        raise
-    except Exception as err:
-        raise forward_failure(where, problem, values, inputs if batch_inputs is None else batch_inputs, err) from err
-    finally:
-        drew = _restored(before, device)
-    if drew:
-        raise FisherError(f"{where}: the model draws random numbers (dropout in train mode?); call model.eval() "
-                          "before computing the Fisher")
-    return outputs
-
-
-def output_vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: Kind, noise: Tensor | None) -> Tensor:
-    """The estimator's output vectors ``[R, N, T, C]`` (:func:`.cotangents.position_vectors`)."""
-    targets, active = prepared.targets, prepared.active
-    full = bool(active.all())  # no position to mask (and no class index to sanitise)
-    if not full and not targets.dtype.is_floating_point:  # class indices at inactive positions may be anything
-        targets = torch.where(active.reshape(*active.shape, *[1] * (targets.ndim - 2)), targets, 0)
-    n = outputs.shape[0]
-    step = max(1, VECTOR_CHUNK // max(outputs.numel() // max(n, 1), 1))  # samples whose temporaries stay small
-    if step >= n:
-        return position_vectors(problem.likelihood, outputs, targets, active, kind, noise, masked=not full).to(
-            outputs.dtype)
-    parts = []
-    for lo in range(0, n, step):  # a language model's softmax and sampling temporaries, a few rows at a time
-        z = None if noise is None else noise[:, lo:lo + step]
-        parts.append(position_vectors(problem.likelihood, outputs[lo:lo + step], targets[lo:lo + step],
-                                      active[lo:lo + step], kind, z, masked=not full).to(outputs.dtype))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-
-VECTOR_CHUNK = 1 << 21  # output entries per chunk when the output vectors are formed
-
-
-NO_LAYER = ("no supported layer holds it (Linear, Conv1d/Conv2d with groups=1, Embedding, HF Conv1D, "
-            "LayerNorm, RMSNorm, LlamaRMSNorm)")
-OUTSIDE = "its gradient does not all come through tapped layers (also used in other operations)"
-MIXING = ("its layer's output at one position feeds the losses of several positions (per='token' and "
-          "kind='exact' with sequences need each position's gradient on its own)")
-NO_SAMPLES = "its layer's input cannot be read per sample (no sample axis first, or changed in place after the call)"
-MIXED_FORMS = "it is shared by layers whose contributions cannot be combined (a norm weight and a matrix)"
 
 
 class _Run:
@@ -532,203 +409,6 @@ def _part(prepared: Prepared, lo: int, hi: int) -> Prepared:
     return Prepared(map_tensors(lambda x: x[lo:hi], prepared.inputs), prepared.targets[lo:hi], prepared.active[lo:hi])
 
 
-def _plan(uses: list[Use], request: Request, param: Tensor, dtype: torch.dtype, active: Tensor) -> tuple:
-    """The accumulation plan of one parameter: K-FAC factors (:mod:`._tap_kfac`) or the estimators of
-    :mod:`._tap_estimators`.
-    """
-    if request.factors is not None:
-        return kfac_taps.make_plan(uses, request.factors, dtype, active)
-    return make_plan(uses, request, param, dtype)
-
-
-def _accumulate(uses: list[Use], plan: Any, dtype: torch.dtype, cap: int | None, ws: Workspace) -> Tensor:
-    if isinstance(plan, kfac_taps.FactorPlan):
-        return kfac_taps.accumulate(uses, plan, dtype, cap, ws)
-    return accumulate(uses, plan, dtype, cap, ws)
-
-
-PLAIN_BUDGET = 1 << 22  # output-gradient entries the plain pass holds at once (all its layers' together)
-
-# (holders, input shapes) where the plain pass did not apply, per model: it is not tried there again
-# (a hint for speed only: the full pass serves those calls, with the same result)
-_NOT_PLAIN: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
-
-
-class _Hit(NamedTuple):
-    """One call of a tapped layer in the plain pass (the fields :func:`._tap_checks.graph_covered` reads)."""
-
-    module: nn.Module
-    x: Tensor  # detached input
-    y: Tensor
-    keys: dict[str, str]
-    node: Any  # y.grad_fn
-    stop: Any  # x.grad_fn
-
-
-def _aliases(p: Tensor, own: Tensor | None) -> bool:
-    """Whether ``p`` holds exactly the module's own tensor ``own`` (e.g. a detached view of it)."""
-    return own is not None and p.dtype == own.dtype and type(p) in _PLAIN_TYPES and p.is_set_to(own)
-
-
-_PLAIN_TYPES = (Tensor, nn.Parameter)  # not tensor subclasses (DTensor, ...): their storage may say nothing
-
-
-def _plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request],
-           order: list[str], owners: _Owners, missing: dict[str, str], k: layers.Kinds, *, kind: Kind,
-           noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str, index: ModelIndex,
-           offset: int, consume: "Consumer | None" = None, scale: float = 1.0) -> Result | None:
-    """The tap engine's pass where no check of the full pass can fail, or ``None`` (then the full pass runs).
-
-    It applies to layers whose forward is PyTorch's own (their formulas hold by construction), each
-    requested parameter held by one of them, each called once with the samples first and its output
-    not changed afterwards, every use of the parameters inside their layer (the graph check runs on
-    every call), and output gradients small enough to hold at once: then one backward per output
-    vector gives every layer's output gradient directly, with no tensor hook, probe or streaming.
-    A model whose parameters are given as the module's own tensors (:func:`~fisherfx.params_of`) is
-    called directly, without ``functional_call``.
-    """
-    model, holders = problem.model, owners.holders
-    n = prepared.active.shape[0]
-    memo = (tuple(map(id, holders)), tuple(tuple(x.shape) for x in tensors(prepared.inputs)))
-    if not owners.plain or memo in _NOT_PLAIN.get(model, ()):
-        return None
-    own = index.params
-
-    def fail() -> None:
-        _NOT_PLAIN.setdefault(model, set()).add(memo)
-
-    direct = all(_aliases(p, own.get(name)) for name, p in params.items()) and all(own[m].requires_grad
-                                                                                   for m in order)
-    if direct:
-        leaves, values = {name: own[name] for name in order}, {}
-    else:
-        leaves = {name: params[name].detach().requires_grad_() for name in order}
-        values = {**index.buffers, **{name: p.detach() for name, p in params.items()}, **leaves}
-    hits: list[tuple] = []
-    device = leaves[order[0]].device
-    try:  # each layer's own forward, recording its input and output (no hook: these are PyTorch's classes)
-        for m in holders:
-            object.__setattr__(m, "forward", _recording(m, hits))
-        with torch.enable_grad():
-            outputs = guarded_forward(where, problem, values, prepared.inputs, device)
-    finally:
-        for m in holders:
-            vars(m).pop("forward", None)
-    _check_forward(where, problem, outputs, prepared, offset)
-    calls, size = [], 0
-    if len(hits) != len(holders) or len({id(h[0]) for h in hits if h is not None}) != len(hits):
-        return fail()  # a layer called twice, or not at all
-    keys = dict(zip(map(id, holders), owners.keys, strict=True))
-    for module, x, y, x_version, y_version in hits:
-        if (y.grad_fn is None or y._version != y_version or x._version != x_version or y.ndim < 2
-                or y.shape[0] != n or n in layers.position_shape(module, tuple(y.shape), k)):
-            return fail()  # changed in place after the call, broadcast, or a position axis as long as the batch
-        calls.append(_Hit(module, x.detach(), y, keys[id(module)], y.grad_fn, x.grad_fn))
-        size += y.numel()
-    if size > PLAIN_BUDGET:
-        return fail()
-    if not checks.used_only_inside(outputs, calls, leaves):
-        return fail()
-    vectors = output_vectors(problem, outputs, prepared, kind, noise)
-    draws = vectors.shape[0]
-    sums: dict[str, Tensor] = {}
-    scaled: set[str] = set()  # the sums that came out scaled already
-    plans: dict[str, tuple] = {}
-    ws = Workspace()
-    for r in range(draws):
-        grads = torch.autograd.grad(outputs, [c.y for c in calls], vectors[r], retain_graph=r < draws - 1,
-                                    allow_unused=True)
-        found: dict[str, list[tuple[Use, None]]] = {}
-        for c, g in zip(calls, grads, strict=True):
-            if g is None:  # every name passed the graph check: each call's output reaches the outputs
-                raise RuntimeError(f"{where}: tap engine invariant broken: a covered layer's output got no gradient "
-                                   "(please report)")
-            parts = None if consume is not None else _linear_squares(c, g, requests, params, plans, dtype, scale)
-            if parts is not None:
-                for name, part in parts.items():
-                    sums[name] = part if name not in sums else sums[name] + part
-                    scaled.add(name)
-                continue
-            view = layers.out_view(c.module, g, k)
-            made = {} if view is None or view.shape[0] != n else layers.uses(c.module, c.x, view, c.keys, k, dtype)
-            for name in c.keys.values():
-                if name not in made:
-                    raise RuntimeError(f"{where}: tap engine invariant broken: the plain pass cannot read the "
-                                       f"gradient of {name!r} per sample (please report)")
-                if consume is not None:
-                    found.setdefault(name, []).append((made[name], None))
-                    continue
-                if name not in plans:
-                    plans[name] = _plan([made[name]], requests[name], params[name], dtype, prepared.active)
-                part = _accumulate([made[name]], plans[name][0], dtype, chunk_size, ws)
-                sums[name] = part if name not in sums else sums[name] + part
-        if consume is not None:
-            consume(offset, r, found)
-    if consume is not None:
-        return Result({name: outputs.new_zeros((), dtype=dtype) for name in order},
-                      {name: missing[name] for name in requests if name in missing}, outputs.shape[-1])
-    out = {}
-    for name in order:
-        post, value = plans[name][1], sums[name]
-        if scale != 1.0 and name not in scaled:
-            value = value.mul_(scale)
-        out[name] = (value if value.shape == params[name].shape else value.reshape(params[name].shape)) \
-            if post is None else post(value)
-    return Result(out, {name: missing[name] for name in requests if name in missing}, outputs.shape[-1])
-
-
-def _recording(module: nn.Module, hits: list) -> Any:
-    """``module``'s class forward, appending ``(module, x, y, x version, y version)`` (or ``None``) to ``hits``."""
-    forward = type(module).forward
-
-    def recorded(*args: Any, **kwargs: Any) -> Any:
-        y = forward(module, *args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        hits.append((module, x, y, x._version, y._version) if isinstance(x, Tensor) and isinstance(y, Tensor)
-                    else None)
-        return y
-
-    return recorded
-
-
-def _linear_squares(c: _Hit, g: Tensor, requests: Mapping[str, Request], params: Mapping[str, Tensor],
-                    plans: dict[str, tuple], dtype: torch.dtype, scale: float = 1.0) -> dict[str, Tensor] | None:
-    """A ``Linear`` call with one position per sample (``x`` ``[N, i]``, ``g`` ``[N, o]``): the diagonals
-    ``(g²)ᵀ(x²)`` and ``Σ g²`` of its weight and bias, or their row/column group sums, times ``scale``,
-    with ``scale·g²`` formed once for both; ``None`` for any other call or request (mask importance,
-    K-FAC factors).
-    """
-    if type(c.module) is not nn.Linear or g.ndim != 2 or c.x.ndim != 2:
-        return None
-    names = c.keys.values()
-    if any(requests[name].mask or requests[name].factors is not None for name in names):
-        return None
-    g2, x2, out = (g if g.dtype == dtype else g.to(dtype)).square(), None, {}
-    if scale != 1.0:
-        g2.mul_(scale)
-    for attr, name in c.keys.items():
-        size = (g.shape[1],) if attr == "bias" else (g.shape[1], c.x.shape[1])
-        if name not in plans:
-            plans[name] = make_plan([Use("vector", g, None, size)], requests[name], params[name], dtype)
-        plan = plans[name][0]
-        if attr == "bias":
-            values = one_position(g2, None, plan.what)
-        else:
-            x2 = (c.x if c.x.dtype == dtype else c.x.to(dtype)).square() if x2 is None else x2
-            values = one_position(g2, x2, plan.what)
-        out[name] = grouped(values, plan)
-    return out
-
-
-def _check_forward(where: str, problem: Problem, outputs: Tensor, prepared: Prepared, offset: int) -> None:
-    """The outputs fit the targets and are finite (``offset``: the first sample's index in the caller's batch)."""
-    check_outputs(where, problem, outputs, prepared)
-    if not math.isfinite(float(outputs.detach().sum())) and not bool(torch.isfinite(outputs.detach()).all()):
-        finite = torch.isfinite(outputs.detach()).reshape(outputs.shape[0], -1).all(1)
-        raise FisherError(f"{where}: the model's outputs for sample {offset + int((~finite).nonzero()[0, 0])} "
-                          "are not finite")
-
-
 def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request], *,
               kind: Kind, per_position: bool, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None,
               where: str, index: ModelIndex, offset: int = 0, split_positions: bool = False,
@@ -737,14 +417,15 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
     ``per_position`` each active position is a unit of its own.
     """
     k = layers.kinds()
-    owners = _owned(index, list(requests), k)
+    owners = common.owned(index, list(requests), k)
     owned, holders = owners.names, owners.holders
     missing = {name: NO_LAYER for name in requests if name not in owned}
     order = [name for name in requests if name in owned]
     if not order:
         return Result({}, missing)
     if not per_position and not split_positions:
-        plain = _plain(problem, params, prepared, requests, order, owners, missing, k, kind=kind, noise=noise,
+        plain = _tap_plain.plain(problem, params, prepared, requests, order, owners, missing, k, kind=kind,
+                                 noise=noise,
                        dtype=dtype, chunk_size=chunk_size, where=where, index=index, offset=offset, consume=consume,
                        scale=scale)
         if plain is not None:
@@ -755,11 +436,11 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
     n, t = active.shape
     device = leaves[order[0]].device
     with _tapped(holders, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
-        outputs = guarded_forward(where, problem, values, prepared.inputs, device)
-        _check_forward(where, problem, outputs, prepared, offset)
+        outputs = common.guarded_forward(where, problem, values, prepared.inputs, device)
+        common.check_forward(where, problem, outputs, prepared, offset)
         run = _Run(outputs, tape, leaves, k, n, dtype)
         todo, zero = run.covered(order, missing)  # first: it lets go of the layer outputs autograd does not keep
-        vectors = output_vectors(problem, outputs, prepared, kind, noise)
+        vectors = common.output_vectors(problem, outputs, prepared, kind, noise)
         if split_positions:
             vectors = kfac_taps.PositionSplit(vectors, active)
         draws = vectors.shape[0]
@@ -779,8 +460,8 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                     missing.setdefault(name, NO_SAMPLES)
                     continue
                 if name not in plans:
-                    plans[name] = _plan([made[name]], requests[name], params[name], dtype, active)
-                part = _accumulate([made[name]], plans[name][0], dtype, cap, ws)
+                    plans[name] = common.plan([made[name]], requests[name], params[name], dtype, active)
+                part = common.accumulate_any([made[name]], plans[name][0], dtype, cap, ws)
                 sums[name] = part if name not in sums else sums[name] + part
             if run.final:  # the call's tensors are not needed again: autograd may free them as it goes
                 call.x = call.y = call.x_graph = None
@@ -794,7 +475,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
             if any(i in check and not probes.get(i, (False,))[0] for i, _ in found.get(name, [])):
                 missing.setdefault(name, MIXING if per_position else NO_SAMPLES)
         todo = [name for name in todo if name not in missing]
-        plans.update({name: _plan([u for _, u in found[name]], requests[name], params[name], dtype, active)
+        plans.update({name: common.plan([u for _, u in found[name]], requests[name], params[name], dtype, active)
                       for name in todo if name not in streamed and consume is None})
         calls_of = {name: [i for i, _ in found.get(name, [])] for name in todo}
         for r in range(draws):
@@ -818,7 +499,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                 if per_position:
                     use_list = position_units(use_list, [probes[i] for i, _ in found.get(name, [])], t)
                 if use_list:
-                    part = _accumulate(use_list, plans[name][0], dtype, cap, ws)
+                    part = common.accumulate_any(use_list, plans[name][0], dtype, cap, ws)
                     sums[name] = part if name not in sums else sums[name] + part
             found = {}
     if consume is not None:
@@ -840,4 +521,6 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
                   outputs.shape[-1])
 
 
-__all__ = ["Consumer", "Request", "Result", "estimate", "units_are_positions"]
+__all__ = ["MIXED_FORMS", "MIXING", "NO_LAYER", "NO_SAMPLES", "OUTSIDE", "VECTOR_CHUNK", "Consumer", "Request",
+           "Result", "check_outputs", "estimate", "guarded_forward", "output_vectors", "split_point",
+           "units_are_positions"]
