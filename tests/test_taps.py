@@ -433,6 +433,32 @@ def test_batch_size_equal_to_the_sequence_length_needs_no_probe(monkeypatch):
     assert calls == []
     assert taps.split_point(problem.prepare((ids, labels))) == 2
     assert taps.split_point(problem.prepare(_tokens(4, 5, 9, 0))) is None
+    assert taps.padding(problem.prepare((ids, labels))) == 1
+    assert taps.padding(problem.prepare(_tokens(4, 5, 9, 0))) == 0
+
+
+def test_batch_size_equal_to_the_sequence_length_runs_one_pass(monkeypatch):
+    """``N = T``: one forward over the batch and an inactive copy of its first sample (``N + 1`` samples);
+    the copy adds nothing (empirical, MC with its draws, groups, K-FAC factors)."""
+    forwards = []
+    guarded = taps_common.guarded_forward
+    monkeypatch.setattr(taps_common, "guarded_forward", lambda *a, **k: forwards.append(a[3]) or guarded(*a, **k))
+    ids, labels = _tokens(4, 4, 9, 0)
+    problem = ffx.supervised(_build(Tagger, 0), ffx.Categorical())
+    params = ffx.params_of(problem.model)
+    for options in ({"kind": "empirical"}, {"kind": "mc", "n_samples": 2}):
+        forwards.clear()
+        got = ffx.diag_fisher(problem, params, (ids, labels), generator=generator(0), dtype=F64, **options)
+        assert [x.shape[0] for x in forwards] == [5]
+        want = ffx.diag_fisher(problem, params, (ids, labels), generator=generator(0), dtype=F64, engine="generic",
+                               **options)
+        assert_values_close(got.value, want.value, **TAPS_VS_GENERIC)
+        assert int(got.count) == 4
+    fac = ffx.kfac(problem, params, (ids, labels), dtype=F64)
+    whole = ffx.kfac(problem, params, (torch.cat([ids, ids[:1]]), torch.cat([labels, torch.full_like(labels[:1],
+                                                                                                   IGNORE)])),
+                     dtype=F64)
+    torch.testing.assert_close(ffx.kfac_dense(fac), ffx.kfac_dense(whole) * 5 / 4, **TAPS_VS_GENERIC)
 
 
 @st.composite

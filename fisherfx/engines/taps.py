@@ -359,8 +359,11 @@ def estimate(
     """
     n, t = prepared.active.shape
     per_position = not split_positions and units_are_positions(prepared, kind, per)
-    cut = None if per_position else split_point(prepared)
     index = walk(problem.model) if index is None else index
+    extra = 0 if per_position or consume is not None else padding(prepared)
+    if extra:  # one pass over the batch and inactive copies of its first sample, whose size no axis shares
+        prepared, noise = _padded(prepared, noise, extra)
+    cut = None if per_position or consume is None else split_point(prepared)
     if cut is None:
         return _estimate(problem, params, prepared, requests, kind=kind, per_position=per_position, noise=noise,
                          dtype=dtype, chunk_size=chunk_size, where=where, split_positions=split_positions,
@@ -384,19 +387,49 @@ def units_are_positions(prepared: Prepared, kind: str, per: str) -> bool:
     return active.shape[1] > 1 and (per == "token" or kind == "exact") and int(active.sum(1).max()) > 1
 
 
-def split_point(prepared: Prepared) -> int | None:
-    """Where to cut a batch whose size ``N`` equals a length of its inputs' other axes (``T``), or ``None``.
+def _lengths(prepared: Prepared) -> set[int]:
+    """The lengths a layer's position axes may have: the targets' positions and the inputs' axes after
+    the first, but the last of a floating-point input (its features: an MLP whose batch is as wide as
+    its input is not ambiguous). A position axis made inside the model is still caught by the probes.
+    """
+    lengths = {d for x in tensors(prepared.inputs) for d in x.shape[1:-1 if x.is_floating_point() else None]}
+    return lengths | set(prepared.active.shape[1:])
+
+
+def padding(prepared: Prepared) -> int:
+    """How many inactive copies of the first sample make the batch size differ from every length of
+    :func:`_lengths` (0 where it does already).
 
     A layer output ``[N, T, d]`` with ``N = T`` could also hold its samples on the second axis, which
-    only two probe backwards could rule out; two parts whose sizes differ from every such length
-    make the sample axis unambiguous from the shapes, at the cost of a second, smaller pass. The
-    lengths are the targets' positions and the inputs' axes after the first, but the last of a
-    floating-point input (its features: an MLP whose batch is as wide as its input is not cut); a
-    position axis made inside the model is still caught by the probes.
+    only two probe backwards could rule out. A batch of ``N + k`` samples, the ``k`` added ones with
+    no active position (their output vectors are zero: they add nothing to any sum and draw no MC
+    label), makes the sample axis unambiguous from the shapes for ``k/N`` more work in one pass.
+    """
+    n, lengths = prepared.active.shape[0], _lengths(prepared)
+    extra = 0
+    while n + extra in lengths:
+        extra += 1
+    return extra
+
+
+def _padded(prepared: Prepared, noise: Tensor | None, extra: int) -> tuple[Prepared, Tensor | None]:
+    """``prepared`` with ``extra`` inactive copies of its first sample at the end (see :func:`padding`)."""
+    def grow(x: Tensor) -> Tensor:
+        return torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
+
+    active = torch.cat([prepared.active, prepared.active.new_zeros((extra, *prepared.active.shape[1:]))])
+    if noise is not None:
+        noise = torch.cat([noise, noise.new_zeros((noise.shape[0], extra, *noise.shape[2:]))], 1)
+    return Prepared(map_tensors(grow, prepared.inputs), grow(prepared.targets), active), noise
+
+
+def split_point(prepared: Prepared) -> int | None:
+    """Where to cut a batch whose size ``N`` equals a length of :func:`_lengths`, or ``None``: two parts
+    whose sizes differ from every such length (a product's consumer, which reads its uses per sample of
+    the batch, gets those instead of :func:`padding`).
     """
     n = prepared.active.shape[0]
-    lengths = {d for x in tensors(prepared.inputs) for d in x.shape[1:-1 if x.is_floating_point() else None]}
-    lengths |= set(prepared.active.shape[1:])
+    lengths = _lengths(prepared)
     if n not in lengths:
         return None
     for cut in sorted(range(1, n), key=lambda c: abs(2 * c - n)):
@@ -522,5 +555,5 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
 
 
 __all__ = ["MIXED_FORMS", "MIXING", "NO_LAYER", "NO_SAMPLES", "OUTSIDE", "VECTOR_CHUNK", "Consumer", "Request",
-           "Result", "check_outputs", "estimate", "guarded_forward", "output_vectors", "split_point",
+           "Result", "check_outputs", "estimate", "guarded_forward", "output_vectors", "padding", "split_point",
            "units_are_positions"]
