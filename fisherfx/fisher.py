@@ -203,8 +203,8 @@ def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, 
 
     The model is evaluated at ``params``; the sums are for ``names`` (default: all of ``params``).
     ``request(name)`` is the tap engine's :class:`~fisherfx.engines.taps.Request`, ``reduce`` the
-    generic engine's reducer of the same quantity. Both engines scale their output vectors by
-    ``√scale``, so a normaliser costs no pass over the results.
+    generic engine's reducer of the same quantity. Both engines apply ``scale`` where they make their
+    sums (a ``Linear``'s ``g²`` in the plain pass), so a normaliser costs no extra pass over the results.
     """
     names = list(params) if names is None else names
     sums: dict[str, Tensor] = {}

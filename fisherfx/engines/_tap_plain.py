@@ -36,10 +36,12 @@ _NOT_PLAIN: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDiction
 
 
 class _Hit(NamedTuple):
-    """One call of a tapped layer in the plain pass (the fields :func:`._tap_checks.graph_covered` reads)."""
+    """One call of a tapped layer in the plain pass (``node``, ``stop``: what
+    :func:`._tap_checks.used_only_inside` reads).
+    """
 
     module: nn.Module
-    x: Tensor  # detached input
+    x: Tensor  # its input, detached
     y: Tensor
     keys: dict[str, str]
     node: Any  # y.grad_fn
@@ -55,9 +57,9 @@ _PLAIN_TYPES = (Tensor, nn.Parameter)  # not tensor subclasses (DTensor, ...): t
 
 
 def plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request],
-           order: list[str], owners: Owners, missing: dict[str, str], k: layers.Kinds, *, kind: Kind,
-           noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str, index: ModelIndex,
-           offset: int, consume: "Consumer | None" = None, scale: float = 1.0) -> Result | None:
+          order: list[str], owners: Owners, missing: dict[str, str], k: layers.Kinds, *, kind: Kind,
+          noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str, index: ModelIndex,
+          offset: int, consume: "Consumer | None" = None, scale: float = 1.0) -> Result | None:
     """The tap engine's pass where no check of the full pass can fail, or ``None`` (then the full pass runs).
 
     It applies to layers whose forward is PyTorch's own (their formulas hold by construction), each
