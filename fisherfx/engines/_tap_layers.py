@@ -144,10 +144,7 @@ def _conv_pads(module: nn.Module, dims: int) -> list[int]:
 def unfold(module: nn.Module, x: Tensor) -> Tensor:
     """Patches of a Conv1d/Conv2d input: ``[n, c, *S] → [n, P, c·k…]`` in the weight's column order."""
     dims = x.ndim - 2
-    pads = _conv_pads(module, dims)
-    if any(pads):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pads, mode=mode)
+    x = _padded(module, x)
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
     if dims == 1:
         x, kernel, stride, dilation = x[:, :, None], (1, *kernel), (1, *stride), (1, *dilation)
@@ -169,14 +166,10 @@ def conv_grads(module: nn.Module, x: Tensor, g: Tensor, lo: int, hi: int) -> Ten
 
     """
     dims = x.ndim - 2
-    pads = _conv_pads(module, dims)
-    x = x[lo:hi]
-    if any(pads):
-        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    out = [(x.shape[2 + j] - dilation[j] * (kernel[j] - 1) - 1) // stride[j] + 1 for j in range(dims)]
+    x = _padded(module, x[lo:hi])
+    stride, dilation = module.stride, module.dilation
     o = module.out_channels
-    grad_out = g[lo:hi].transpose(1, 2).reshape(hi - lo, o, *out)
+    grad_out = _native(g[lo:hi], hi - lo, _spatial(module, x))
     weight = module.weight.detach()
 
     def one(xn: Tensor, gn: Tensor) -> Tensor:
@@ -193,6 +186,12 @@ def _padded(module: nn.Module, x: Tensor) -> Tensor:
     if not any(pads):
         return x
     return F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+
+
+def _spatial(module: nn.Module, xp: Tensor) -> tuple[int, ...]:
+    """The output's spatial shape of a Conv1d/Conv2d on an input ``xp`` already padded (:func:`_padded`)."""
+    k, stride, dilation = module.kernel_size, module.stride, module.dilation
+    return tuple((xp.shape[2 + j] - dilation[j] * (k[j] - 1) - 1) // stride[j] + 1 for j in range(xp.ndim - 2))
 
 
 def _native(g: Tensor, n: int, shape: tuple[int, ...]) -> Tensor:
@@ -225,9 +224,8 @@ def conv_weighted(module: nn.Module, x: Tensor, g: Tensor, w: Tensor) -> Tensor:
     k = w.shape[2]
     xp = _padded(module, x)
     dims = xp.ndim - 2
-    spatial = [(xp.shape[2 + j] - module.dilation[j] * (module.kernel_size[j] - 1) - 1) // module.stride[j] + 1
-               for j in range(dims)]
-    gn = _native(g, n, tuple(spatial)).to(w.dtype)
+    spatial = _spatial(module, xp)
+    gn = _native(g, n, spatial).to(w.dtype)
     grad_out = (w.transpose(1, 2)[:, :, None, :] * gn.reshape(n, 1, o, p)).reshape(n, k * o, *spatial)
     weight = xp.new_empty((k * o, *module.weight.shape[1:]))
     xp = xp.to(w.dtype)
