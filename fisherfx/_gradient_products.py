@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._errors import FisherError
 from ._options import choice
 from ._products import accumulate, check, like_params, per_vector, push, push_stacked
 from .engines import _tap_products as tap_products
@@ -97,9 +96,7 @@ def _tapped(where: str, problem: Problem, params: Vector, prepared: Prepared, no
     result = taps.estimate(problem, params, prepared, {name: taps.Request() for name in params}, kind=kind, per=per,
                            noise=noise, dtype=dtype, where=where, consume=collected)
     if strict and result.missing:
-        raise FisherError(f"{where}: engine='taps' cannot serve "
-                          + "; ".join(f"{name!r}: {why}" for name, why in result.missing.items())
-                          + ". Use engine='auto' to compute these with jvp and vjp")
+        raise taps.refusal(where, result.missing, "jvp and vjp")
     served = set(result.sums)
     s = collected.inner({name: v[name] for name in served}, served)  # [R, K, N, T or 1]
     rest = {name: p for name, p in params.items() if name not in served}

@@ -214,9 +214,7 @@ def _engines(where: str, problem: Problem, params: dict[str, Tensor], b: Batch, 
                                noise=b.noise, dtype=dtype, chunk_size=chunk_size, where=where, index=index,
                                scale=scale)
         if engine == "taps" and result.missing:
-            raise FisherError(f"{where}: engine='taps' cannot serve "
-                              + "; ".join(f"{k!r}: {why}" for k, why in result.missing.items())
-                              + ". Use engine='auto' to compute these with the generic engine")
+            raise taps.refusal(where, result.missing, "the generic engine")
         sums, width = result.sums, result.width
     rest = {k: params[k] for k in names if k not in sums}
     if width is None:  # the tap engine ran no forward: check the outputs on one sample

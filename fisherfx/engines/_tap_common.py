@@ -68,6 +68,15 @@ NO_SAMPLES = "its layer's input cannot be read per sample (no sample axis first,
 MIXED_FORMS = "it is shared by layers whose contributions cannot be combined (a norm weight and a matrix)"
 
 
+def refusal(where: str, missing: Mapping[str, str], instead: str) -> FisherError:
+    """The error of ``engine="taps"`` for the parameters the taps cannot serve, ``{name: why}``; ``instead``
+    says what ``engine="auto"`` would compute them with.
+    """
+    reasons = "; ".join(f"{name!r}: {why}" for name, why in missing.items())
+    return FisherError(f"{where}: engine='taps' cannot serve {reasons}. Use engine='auto' to compute these with "
+                       f"{instead}")
+
+
 class Owners(NamedTuple):
     """The supported layers holding the requested parameters (see :func:`owned`)."""
 
@@ -187,4 +196,4 @@ def accumulate_any(uses: list[Use], plan: Any, dtype: torch.dtype, cap: int | No
 
 __all__ = ["MIXED_FORMS", "MIXING", "NO_LAYER", "NO_SAMPLES", "OUTSIDE", "VECTOR_CHUNK", "Consumer", "Owners",
            "Request", "Result", "accumulate_any", "check_forward", "check_outputs", "guarded_forward", "output_vectors",
-           "owned", "plan"]
+           "owned", "plan", "refusal"]

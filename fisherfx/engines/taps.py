@@ -61,6 +61,7 @@ from ._tap_common import (  # the shared pieces, under the names other modules u
     check_outputs,
     guarded_forward,
     output_vectors,
+    refusal,
 )
 from ._tap_estimators import Workspace, group_reduce, position_units
 from ._tap_layers import Use
@@ -555,5 +556,5 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
 
 
 __all__ = ["MIXED_FORMS", "MIXING", "NO_LAYER", "NO_SAMPLES", "OUTSIDE", "VECTOR_CHUNK", "Consumer", "Request",
-           "Result", "check_outputs", "estimate", "guarded_forward", "output_vectors", "padding", "split_point",
-           "units_are_positions"]
+           "Result", "check_outputs", "estimate", "guarded_forward", "output_vectors", "padding", "refusal",
+           "split_point", "units_are_positions"]
