@@ -322,16 +322,12 @@ def make_plan(use_list: list[Use], request: Any, param: Tensor, dtype: torch.dty
     if not request.mask:  # a pure function of the pattern and the shapes: cached
         return _group_plan(request.pattern, tuple(sorted(request.sizes.items())), shape, tuple(use_list[0].size),
                            param.device)
-    reduce = group_reduce(request.pattern, request.sizes)
     groups = group_ids(request.pattern, dict(request.sizes), shape, use_list[0].size, param.device)
-    theta = param.detach().to(dtype).reshape(use_list[0].size) if request.mask else None
+    theta = param.detach().to(dtype).reshape(use_list[0].size)  # mask importance: it weighs the gradient
     if groups is None:
-        if request.mask:
-            return Plan("mask", theta=theta, reduce=reduce, shape=shape), lambda v: v
-        return Plan("diag"), lambda d: reduce(d.reshape(shape))
+        return Plan("mask", theta=theta, reduce=group_reduce(request.pattern, request.sizes), shape=shape), lambda v: v
     axis, gid, count, out_shape = groups
-    plan = Plan("mask_" + axis, gid, count, theta) if request.mask else Plan(axis, gid, count)
-    return plan, lambda v: v if v.shape == out_shape else v.reshape(out_shape)
+    return Plan("mask_" + axis, gid, count, theta), lambda v: v if v.shape == out_shape else v.reshape(out_shape)
 
 
 _DIAG = Plan("diag")
