@@ -350,8 +350,9 @@ def estimate(
             name the parameters.
 
     Returns:
-        :class:`Result`: ``sums`` ``{name: [*P] or [G...]}``, not normalised and for ``mc`` not
-        divided by ``S``; ``missing`` ``{name: reason}`` for the parameters left to the generic engine.
+        :class:`Result`: ``sums`` ``{name: [*P] or [G...]}``, times ``scale`` (otherwise not normalised,
+        and for ``mc`` not divided by ``S``); ``missing`` ``{name: reason}`` for the parameters left to
+        the generic engine.
         With ``consume``, ``sums`` holds a zero scalar per parameter served (its uses went to ``consume``).
 
     Raises:
@@ -459,9 +460,8 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
         return Result({}, missing)
     if not per_position and not split_positions:
         plain = _tap_plain.plain(problem, params, prepared, requests, order, owners, missing, k, kind=kind,
-                                 noise=noise,
-                       dtype=dtype, chunk_size=chunk_size, where=where, index=index, offset=offset, consume=consume,
-                       scale=scale)
+                                 noise=noise, dtype=dtype, chunk_size=chunk_size, where=where, index=index,
+                                 offset=offset, consume=consume, scale=scale)
         if plain is not None:
             return plain
     leaves = {name: params[name].detach().requires_grad_() for name in order}
