@@ -31,19 +31,17 @@ def walk(model: nn.Module) -> ModelIndex:
     while stack:
         prefix, module = stack.pop()
         dot = prefix + "." if prefix else ""
-        for attr, p in module._parameters.items():
-            if p is not None:
-                params[dot + attr] = p
-        for attr, b in module._buffers.items():
-            if b is not None:
-                buffers[dot + attr] = b
+        if module._parameters:
+            params.update((dot + attr, p) for attr, p in module._parameters.items() if p is not None)
+        if module._buffers:
+            buffers.update((dot + attr, b) for attr, b in module._buffers.items() if b is not None)
         if id(module) not in seen:
             seen.add(id(module))
             modules.append(module)
             if training_batchnorm is None and module.training and isinstance(module, nn.modules.batchnorm._BatchNorm):
                 training_batchnorm = prefix
-        children = [(dot + name, child) for name, child in module._modules.items() if child is not None]
-        stack.extend(reversed(children))
+        if module._modules:
+            stack.extend((dot + name, child) for name, child in reversed(module._modules.items()) if child is not None)
     return ModelIndex(params, buffers, modules, training_batchnorm)
 
 

@@ -110,7 +110,8 @@ class Categorical(NamedTuple):
         grad = torch.softmax(outputs, dim=-1)  # softmax(f) − onehot(y), written into the softmax (no one-hot)
         if targets.shape != grad.shape[:-1]:  # targets with leading draw axes ([S, ..., T])
             grad = grad.expand(*targets.shape, grad.shape[-1]).clone()
-        return grad.scatter_add_(-1, targets[..., None], torch.full_like(grad[..., :1], -1.0))
+        index = targets[..., None]
+        return grad.scatter_add_(-1, index, torch.full_like(index, -1.0, dtype=grad.dtype))
 
     def noise(self, outputs_shape: torch.Size, n_samples: int, generator=None) -> Tensor:
         return torch.rand((n_samples, *outputs_shape[:-1]), generator=generator, device=_device(generator))

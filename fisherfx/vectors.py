@@ -78,17 +78,13 @@ def check_vector(where: str, v: Mapping[str, Tensor], like: Mapping[str, Tensor]
 def non_finite(v: Mapping[str, Tensor]) -> str | None:
     """The first name whose tensor holds inf or NaN, or ``None``.
 
-    One reduction serves all: a sum is finite only when every entry is (a sum that overflows is
+    One reduction per tensor: a sum is finite only when every entry is (a sum that overflows is
     rechecked entry by entry).
     """
-    if not v:
-        return None
-    sums = [x.sum() for x in v.values()]
-    if len({s.dtype for s in sums}) > 1:
-        sums = [s.to(torch.float64) for s in sums]
-    if math.isfinite(float(torch.stack(sums).sum())):  # an overflow of finite entries is rechecked below
-        return None
-    return next((name for name, x in v.items() if not bool(torch.isfinite(x).all())), None)
+    for name, x in v.items():
+        if not math.isfinite(x.sum().item()) and not bool(torch.isfinite(x).all()):
+            return name
+    return None
 
 
 def flatten(values: Mapping[str, Tensor], like: Mapping[str, Tensor] | None = None) -> Tensor:

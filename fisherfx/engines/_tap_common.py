@@ -95,9 +95,10 @@ def owned(index: ModelIndex, names: list[str], k: layers.Kinds) -> Owners:
     slots = 0
     plain = len(by_id) == len(names)  # no two requested names are one tensor
     for module in index.modules:
-        if layers.supported(module, k):
-            held = {attr: by_id[id(t)] for attr in ("weight", "bias")
-                    if (t := module._parameters.get(attr)) is not None and id(t) in by_id}
+        slot = module._parameters
+        if slot and layers.supported(module, k):
+            held = {attr: by_id[id(t)] for attr in ("weight", "bias") if (t := slot.get(attr)) is not None
+                    and id(t) in by_id}
             if held:
                 out.update(held.values())
                 holders.append(module)
@@ -157,8 +158,8 @@ def output_vectors(problem: Problem, outputs: Tensor, prepared: Prepared, kind: 
     n = outputs.shape[0]
     step = max(1, VECTOR_CHUNK // max(outputs.numel() // max(n, 1), 1))  # samples whose temporaries stay small
     if step >= n:
-        return position_vectors(problem.likelihood, outputs, targets, active, kind, noise, masked=not full).to(
-            outputs.dtype)
+        vectors = position_vectors(problem.likelihood, outputs, targets, active, kind, noise, masked=not full)
+        return vectors if vectors.dtype == outputs.dtype else vectors.to(outputs.dtype)
     parts = []
     for lo in range(0, n, step):  # a language model's softmax and sampling temporaries, a few rows at a time
         z = None if noise is None else noise[:, lo:lo + step]
