@@ -79,6 +79,20 @@ def test_non_finite_gradients():
         ffx.diag_fisher(problem, ffx.params_of(model), (randn(0, N, D, dtype=torch.float32), randint(0, C, N)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_non_finite_names_the_first_bad_tensor_and_only_a_bad_one(dtype):
+    from fisherfx.vectors import non_finite
+
+    big = torch.finfo(dtype).max
+    finite = {"a": torch.ones(3, dtype=dtype), "b": torch.full((4, 2), big, dtype=dtype)}  # b's sum overflows
+    assert non_finite(finite) is None
+    assert non_finite({}) is None
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        c = torch.zeros(5, dtype=dtype)
+        c[3] = bad
+        assert non_finite({**finite, "c": c, "d": c.clone()}) == "c"
+
+
 @pytest.mark.parametrize("engine", ["auto", "generic"])
 def test_targets_of_the_wrong_shape(setup, engine):
     problem, params, (x, _) = setup
