@@ -916,3 +916,14 @@ def test_per_position_probe_separates_positions_in_bfloat16():
         assert torch.equal(got.value[name], want.value[name])
     for name in ("out.weight", "out.bias"):
         assert float((got.value[name] - want.value[name]).norm()) <= 0.05 * float(want.value[name].norm())
+
+
+@pytest.mark.parametrize("n", [4, 5])
+def test_a_failed_forward_shows_the_callers_batch(n):
+    """With ``N = T`` the forward runs on ``N + 1`` samples; its failure still shows the caller's ``N``."""
+    ids, labels = _tokens(n, 4, 9, 0)
+    ids[1, 2] = 9  # not in the vocabulary: the embedding raises
+    problem = ffx.supervised(_build(Tagger, 0), ffx.Categorical())
+    with pytest.raises(ffx.FisherError) as info:
+        ffx.diag_fisher(problem, ffx.params_of(problem.model), (ids, labels))
+    assert f"({n}, 4)" in str(info.value) and f"({n + 1}, 4)" not in str(info.value), str(info.value)

@@ -59,7 +59,8 @@ _PLAIN_TYPES = (Tensor, nn.Parameter)  # not tensor subclasses (DTensor, ...): t
 def plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request],
           order: list[str], owners: Owners, missing: dict[str, str], k: layers.Kinds, *, kind: Kind,
           noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None, where: str, index: ModelIndex,
-          offset: int, consume: "Consumer | None" = None, scale: float = 1.0) -> Result | None:
+          offset: int, consume: "Consumer | None" = None, scale: float = 1.0,
+          batch_inputs: Any = None) -> Result | None:
     """The tap engine's pass where no check of the full pass can fail, or ``None`` (then the full pass runs).
 
     It applies to layers whose forward is PyTorch's own (their formulas hold by construction), each
@@ -93,7 +94,7 @@ def plain(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, re
         for m in holders:
             object.__setattr__(m, "forward", _recording(m, hits))
         with torch.enable_grad():
-            outputs = common.guarded_forward(where, problem, values, prepared.inputs, device)
+            outputs = common.guarded_forward(where, problem, values, prepared.inputs, device, batch_inputs)
     finally:
         for m in holders:
             vars(m).pop("forward", None)

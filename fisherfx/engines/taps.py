@@ -363,17 +363,18 @@ def estimate(
     per_position = not split_positions and units_are_positions(prepared, kind, per)
     index = walk(problem.model) if index is None else index
     extra = 0 if per_position or consume is not None else padding(prepared)
+    batch_inputs = prepared.inputs  # what a failed forward's message shows: the caller's batch
     if extra:  # one pass over the batch and inactive copies of its first sample, whose size no axis shares
         prepared, noise = _padded(prepared, noise, extra)
     cut = None if per_position or consume is None else split_point(prepared)
     if cut is None:
         return _estimate(problem, params, prepared, requests, kind=kind, per_position=per_position, noise=noise,
                          dtype=dtype, chunk_size=chunk_size, where=where, split_positions=split_positions,
-                         index=index, consume=consume, scale=scale)
+                         index=index, consume=consume, scale=scale, batch_inputs=batch_inputs)
     parts = [_estimate(problem, params, _part(prepared, lo, hi), requests, kind=kind, per_position=False,
                        noise=None if noise is None else noise[:, lo:hi], dtype=dtype, chunk_size=chunk_size,
                        where=where, offset=lo, split_positions=split_positions, index=index, consume=consume,
-                       scale=scale)
+                       scale=scale, batch_inputs=batch_inputs)
              for lo, hi in ((0, cut), (cut, n))]
     missing = {**parts[1].missing, **parts[0].missing}
     sums = {name: kfac_taps.add(parts[0].sums[name], parts[1].sums[name], requests[name].factors) for name in requests
@@ -447,9 +448,10 @@ def _part(prepared: Prepared, lo: int, hi: int) -> Prepared:
 def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared, requests: Mapping[str, Request], *,
               kind: Kind, per_position: bool, noise: Tensor | None, dtype: torch.dtype, chunk_size: int | None,
               where: str, index: ModelIndex, offset: int = 0, split_positions: bool = False,
-              consume: "Consumer | None" = None, scale: float = 1.0) -> Result:
+              consume: "Consumer | None" = None, scale: float = 1.0, batch_inputs: Any = None) -> Result:
     """:func:`estimate` on one batch (samples ``offset + …`` of the caller's, for messages); with
-    ``per_position`` each active position is a unit of its own.
+    ``per_position`` each active position is a unit of its own. ``batch_inputs``: the caller's whole
+    batch, which a failed forward's message shows (default ``prepared.inputs``).
     """
     k = layers.kinds()
     owners = common.owned(index, list(requests), k)
@@ -461,7 +463,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
     if not per_position and not split_positions:
         plain = _tap_plain.plain(problem, params, prepared, requests, order, owners, missing, k, kind=kind,
                                  noise=noise, dtype=dtype, chunk_size=chunk_size, where=where, index=index,
-                                 offset=offset, consume=consume, scale=scale)
+                                 offset=offset, consume=consume, scale=scale, batch_inputs=batch_inputs)
         if plain is not None:
             return plain
     leaves = {name: params[name].detach().requires_grad_() for name in order}
@@ -470,7 +472,7 @@ def _estimate(problem: Problem, params: Mapping[str, Tensor], prepared: Prepared
     n, t = active.shape
     device = leaves[order[0]].device
     with _tapped(holders, {id(x): name for name, x in leaves.items()}, k, n) as tape, torch.enable_grad():
-        outputs = common.guarded_forward(where, problem, values, prepared.inputs, device)
+        outputs = common.guarded_forward(where, problem, values, prepared.inputs, device, batch_inputs)
         common.check_forward(where, problem, outputs, prepared, offset)
         run = _Run(outputs, tape, leaves, k, n, dtype)
         todo, zero = run.covered(order, missing)  # first: it lets go of the layer outputs autograd does not keep
