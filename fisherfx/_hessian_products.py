@@ -34,10 +34,12 @@ from torch.func import functional_call
 from ._products import forward_of, grad_leaves
 from .engines import _tap_checks as checks
 from .engines import _tap_layers as layers
-from .engines.taps import check_outputs
+from .engines.taps import NO_LAYER, OUTSIDE, check_outputs
 from .losses import summed_nll
 from .problems import Prepared, Problem
 from .vectors import Vector
+
+IN_PLACE = "its layer's output is changed in place after the call"
 
 ATTRS = ("weight", "bias")
 
@@ -101,7 +103,8 @@ def hessian_product(where: str, problem: Problem, params: Vector, prepared: Prep
 
     Returns:
         The products, and ``{name: why}`` for the parameters that entered ``s`` through their own gradient
-        (the caller raises on them for ``engine="taps"``, ``strict``: then nothing is computed).
+        (the caller raises on them for ``engine="taps"`` with :func:`~.engines.taps.refusal`, ``strict``:
+        then nothing is computed).
 
     """
     leaves = grad_leaves(params)
@@ -113,11 +116,12 @@ def hessian_product(where: str, problem: Problem, params: Vector, prepared: Prep
         loss = summed_nll(problem, out, prepared)
         covered, unused, _ = checks.graph_covered(out, calls, leaves)
         changed = {name for c in calls if c.y._version != c.version for name in c.keys.values()}
+        held = {name for c in calls for name in c.keys.values()}
         served = covered - changed
         calls = [c for c in calls if served & set(c.keys.values())]
         rest = [name for name in leaves if name not in served and name not in unused]
         if strict and rest:
-            return [], {name: "not served by a recorded layer call" for name in rest}
+            return [], {name: IN_PLACE if name in changed else OUTSIDE if name in held else NO_LAYER for name in rest}
         grads = torch.autograd.grad(loss, [c.y for c in calls] + [leaves[name] for name in rest], create_graph=True,
                                     allow_unused=True)
         results = []

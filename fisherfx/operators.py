@@ -221,9 +221,7 @@ def hvp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[s
         vs = [tangents] if k is None else [{name: t[i] for name, t in tangents.items()} for i in range(k)]
         products, missing = hessian_product(where, problem, params, prepared, vs, strict=engine == "taps")
         if engine == "taps" and missing:
-            raise FisherError(f"{where}: engine='taps' cannot serve " + ", ".join(map(repr, missing))
-                              + " (no recorded call of a supported layer accounts for all of its uses). Use "
-                              "engine='auto' to take their gradients from autograd")
+            raise taps.refusal(where, missing, "autograd's gradients")
         if k is None:
             return products[0]
         return {name: torch.stack([p[name] for p in products]) for name in params}

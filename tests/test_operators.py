@@ -208,6 +208,34 @@ def test_hessian_routes_equal_dense(case: Case, engine: str, k: int | None):
     assert_product_close(case, got, expected(case, "hessian", v, "samples"))
 
 
+class InPlaceTail(nn.Module):
+    """``b``'s output is changed in place after its call (``relu_``): the recorder cannot use that call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu_(self.b(torch.tanh(self.a(x)))))
+
+
+def test_hessian_of_an_output_changed_in_place():
+    """A layer output changed in place after its call: ``hvp`` takes that layer's parameters from autograd
+    (the dense Hessian times ``v``); ``engine="taps"`` names them and says why."""
+    torch.manual_seed(0)
+    model = InPlaceTail().double().eval()
+    g = generator(3)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    problem, params = ffx.supervised(model, ffx.Categorical()), ffx.params_of(model)
+    v = probes(params)
+    nlls = testing.supervised_nlls(model, ffx.Categorical(), x, y)
+    want = vectors.unflatten(vectors.flatten(v, params) @ testing.hessian_matrix(nlls, params, count=1) / 6, params)
+    assert_tree_close(ffx.hvp(problem, params, (x, y), v), want, **FLOAT64_TOL)
+    with pytest.raises(ffx.FisherError, match=r"hvp: engine='taps' cannot serve 'b\.weight': its layer's output is "
+                                               r"changed in place after the call; 'b\.bias': "):
+        ffx.hvp(problem, params, (x, y), v, engine="taps")
+
+
 @pytest.mark.parametrize("k", (None, K))
 def test_hessian_mix_is_exact(k: int | None):
     """Parameters no recorded layer call accounts for enter ``⟨∇L, v⟩`` through their own gradient."""
@@ -219,7 +247,9 @@ def test_hessian_mix_is_exact(k: int | None):
     want = vectors.unflatten(vectors.flatten(v, params) @ testing.hessian_matrix(nlls, params, count=1) / x.shape[0],
                              params)
     assert_tree_close(ffx.hvp(problem, params, batch, v), want, **FLOAT64_TOL)
-    with pytest.raises(ffx.FisherError, match=r"engine='taps' cannot serve 'act\.weight', 'b\.weight'"):
+    with pytest.raises(ffx.FisherError, match=r"hvp: engine='taps' cannot serve 'act\.weight': no supported layer "
+                                               r"holds it .*; 'b\.weight': its gradient does not all come through "
+                                               r"tapped layers .*Use engine='auto' to compute these with autograd"):
         ffx.hvp(problem, params, batch, v, engine="taps")
 
 
