@@ -42,36 +42,18 @@ from ._hessian_products import hessian_product
 from ._options import choice
 from ._products import accumulate, batches_of, check, forward_of, grad_leaves, like_params, per_vector, push
 from .engines import taps
-from .fisher import ENGINES, PERS, Engine, Normalize, Per
+from .fisher import ENGINES, Engine, Normalize, Per
 from .losses import summed_nll
 from .problems import Prepared, Problem
 from .vectors import Vector
 
 
-def _ggn_cotangent(problem: Problem, out: Tensor, jv: Tensor, prepared: Prepared, **_: Any) -> Tensor:
+def _ggn_cotangent(problem: Problem, out: Tensor, jv: Tensor, prepared: Prepared) -> Tensor:
     """``u = H J v`` per active position (zero elsewhere), ``H`` in closed form."""
     f, jv = out.detach(), jv.detach()  # a cotangent needs no graph of its own
     if f.dtype in (torch.float16, torch.bfloat16):
         f, jv = f.float(), jv.float()
     return problem.likelihood.hessian_vp(f, jv) * prepared.active[..., None].to(f.dtype)
-
-
-def _fisher_product(where: str, problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
-                    normalize: str, cotangent: Any, kind: str = "exact", per: str = "sample", n_samples: int = 1,
-                    generator: torch.Generator | None = None) -> Vector:
-    """``(1/Σ_b Z_b) Σ_b Σ_n J_nᵀ u_n`` with ``u = cotangent(f, J v)`` per batch: the shared Fisher product."""
-    params, v, k = check(where, problem, params, v, normalize)
-    choice(where, "per", per, PERS)
-    tangents = like_params(v, params)
-
-    def product(prepared: Prepared, noise: Tensor | None) -> Vector:
-        def one(t: Vector, k: int | None) -> Vector:
-            out, jv, pull = push(where, problem, params, prepared, t, k)
-            return pull(cotangent(problem, out, jv, prepared, kind=kind, per=per, noise=noise))
-
-        return per_vector(problem, tangents, k, one)
-
-    return accumulate(where, problem, params, batch, normalize, product, kind, n_samples, generator)
 
 
 def ggn_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mapping[str, Tensor],
@@ -104,7 +86,18 @@ def ggn_vp(problem: Problem, params: Mapping[str, Tensor], batch: Any, v: Mappin
             list of batches, a non-finite product.
 
     """
-    return _fisher_product("ggn_vp", problem, params, batch, v, normalize, _ggn_cotangent)
+    where = "ggn_vp"
+    params, v, k = check(where, problem, params, v, normalize)
+    tangents = like_params(v, params)
+
+    def product(prepared: Prepared, noise: Tensor | None) -> Vector:
+        def one(t: Vector, k: int | None) -> Vector:  # (1/Σ_b Z_b) Σ_b Σ_n J_nᵀ H_n J_n v
+            out, jv, pull = push(where, problem, params, prepared, t, k)
+            return pull(_ggn_cotangent(problem, out, jv, prepared))
+
+        return per_vector(problem, tangents, k, one)
+
+    return accumulate(where, problem, params, batch, normalize, product, "exact", 1, None)
 
 
 #: The same function as :func:`ggn_vp`: the exact Fisher equals the GGN for these likelihoods.
