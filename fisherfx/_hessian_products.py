@@ -102,9 +102,9 @@ def hessian_product(where: str, problem: Problem, params: Vector, prepared: Prep
     """``H v`` of the summed NLL for each ``v`` of ``vs`` (see the module docstring).
 
     Returns:
-        The products, and ``{name: why}`` for the parameters that entered ``s`` through their own gradient
-        (the caller raises on them for ``engine="taps"`` with :func:`~.engines.taps.refusal`, ``strict``:
-        then nothing is computed).
+        The products, and ``{name: why}`` for the parameters that entered ``s`` through their own gradient,
+        with the tap engine's reasons (the caller raises on them for ``engine="taps"`` with
+        :func:`~.engines.taps.refusal`; ``strict``: then nothing is computed).
 
     """
     leaves = grad_leaves(params)
@@ -120,8 +120,9 @@ def hessian_product(where: str, problem: Problem, params: Vector, prepared: Prep
         served = covered - changed
         calls = [c for c in calls if served & set(c.keys.values())]
         rest = [name for name in leaves if name not in served and name not in unused]
+        why = {name: IN_PLACE if name in changed else OUTSIDE if name in held else NO_LAYER for name in rest}
         if strict and rest:
-            return [], {name: IN_PLACE if name in changed else OUTSIDE if name in held else NO_LAYER for name in rest}
+            return [], why
         grads = torch.autograd.grad(loss, [c.y for c in calls] + [leaves[name] for name in rest], create_graph=True,
                                     allow_unused=True)
         results = []
@@ -139,7 +140,7 @@ def hessian_product(where: str, problem: Problem, params: Vector, prepared: Prep
             hv = torch.autograd.grad(s, list(leaves.values()), retain_graph=i < len(vs) - 1, allow_unused=True)
             results.append({name: torch.zeros_like(leaves[name]) if h is None else h
                             for name, h in zip(leaves, hv, strict=True)})
-    return results, {name: "its gradient comes through autograd" for name in rest}
+    return results, why
 
 
 __all__ = ["hessian_product"]
