@@ -168,6 +168,5 @@ def accumulate(where: str, problem: Problem, params: Vector, batch: Any, normali
     return {name: x.div_(count) for name, x in total.items()} if count != 1 else total
 
 
-
 __all__ = ["accumulate", "batches_of", "check", "convolutional", "forward_of", "grad_leaves", "like_params",
            "math_sdpa", "per_vector", "push", "push_stacked"]

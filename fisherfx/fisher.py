@@ -93,8 +93,9 @@ class Batch(NamedTuple):
     count: Tensor  # shape=(), int64
 
 
-def draw_noise(problem: Problem, prepared: Prepared, n_samples: int, generator: torch.Generator | None) -> Tensor:
-    """The MC noise ``[S, N, T(, C)]``: drawn for the active positions only, in row-major order.
+def draw_noise(problem: Problem, prepared: Prepared, n_samples: int, generator: torch.Generator | None,
+               n_active: int) -> Tensor:
+    """The MC noise ``[S, N, T(, C)]``: drawn for the ``n_active`` active positions only, in row-major order.
 
     A sample's draws therefore depend on the generator and on the active positions before it, not
     on padding: padded positions and fully padded rows consume no random numbers, so the same data
@@ -103,7 +104,6 @@ def draw_noise(problem: Problem, prepared: Prepared, n_samples: int, generator: 
     active, targets = prepared.active, prepared.targets
     event = tuple(targets.shape[2:])  # Gaussian/Bernoulli: one number per output; Categorical: none
     # the likelihood draws for an outputs shape: Categorical drops its class axis, the others keep it
-    n_active = int(active.sum())
     flat = problem.likelihood.noise(torch.Size((n_active, *(event or (1,)))), n_samples, generator)
     flat = flat.to(active.device)
     if n_active == active.numel():  # every position active: the draws in row-major order already
@@ -131,7 +131,7 @@ def prepare_batch(where: str, problem: Problem, params: Mapping[str, Tensor], ba
     if n_active == 0:
         raise FisherError(f"{where}: the batch has no active position (all targets ignored or padded); "
                           "nothing to estimate")
-    noise = draw_noise(problem, prepared, n_samples, generator) if kind == "mc" else None
+    noise = draw_noise(problem, prepared, n_samples, generator, n_active) if kind == "mc" else None
     return Batch(prepared, noise, torch.scalar_tensor(normalizer(active, normalize, n_active), dtype=torch.int64))
 
 
@@ -165,7 +165,7 @@ def output_width(where: str, problem: Problem, params: Mapping[str, Tensor], pre
 def _finish(where: str, value: dict[str, Tensor], count: Tensor, storage_dtype, device,
             made: Provenance) -> Estimate:
     """The estimate from the engines' values (normalised by them), checked finite."""
-    bad = non_finite(value)  # one reduction for all
+    bad = non_finite(value)
     if bad is not None:
         raise FisherError(f"{where}: non-finite gradients for parameter {bad!r} (inf or NaN in the loss or the "
                           "model)")

@@ -313,5 +313,4 @@ def uses(module: nn.Module, x: Tensor, g: Tensor, keys: dict[str, str], k: Kinds
 
 
 __all__ = ["NORMS", "Kinds", "Use", "conv_grads", "conv_inner", "conv_weighted", "kinds", "normalised", "out_view",
-           "position_shape", "recompute",
-           "supported", "unfold", "uses"]
+           "position_shape", "recompute", "supported", "unfold", "uses"]
